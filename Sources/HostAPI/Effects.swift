@@ -1,0 +1,81 @@
+/// What a projection asks for while it handles an event or runs `init`. Handlers never do I/O:
+/// the runtime applies effects in batches after the handler returned.
+public enum Effect: Sendable, Equatable {
+    /// A Redis write command; the first argument is the command name in upper case.
+    case redis(arguments: [[UInt8]])
+    /// EVALSHA of a script the projection declared in `scripts`.
+    case redisScript(name: String, sha1: String, keys: [[UInt8]], arguments: [[UInt8]])
+    /// One row for a ClickHouse table, encoded as a JSON object (one JSONEachRow line).
+    case insert(table: String, row: [UInt8])
+    /// A ClickHouse statement from `init`, such as `CREATE TABLE IF NOT EXISTS`.
+    case clickhouseStatement(sql: String)
+    /// A keyed-state change, already visible to later reads of the same projection and scope.
+    case state(StateChange)
+    /// A log line from the projection; `fields` is a JSON object or empty.
+    case log(level: LogLevel, message: String, fields: [UInt8])
+    /// An increment of a projection counter; `labels` is a JSON object or empty.
+    case count(name: String, by: Double, labels: [UInt8])
+}
+
+public enum LogLevel: String, Sendable, CaseIterable, Comparable {
+    case debug, info, warn, error
+
+    private var rank: Int {
+        switch self {
+        case .debug: 0
+        case .info: 1
+        case .warn: 2
+        case .error: 3
+        }
+    }
+
+    public static func < (lhs: LogLevel, rhs: LogLevel) -> Bool { lhs.rank < rhs.rank }
+}
+
+/// A change to one key of a projection's keyed state.
+public struct StateChange: Sendable, Equatable {
+    public var key: [UInt8]
+    /// The new value as JSON, or nil when the key is deleted.
+    public var value: [UInt8]?
+    /// Time to live in wall-clock milliseconds from when the change is applied, or nil.
+    public var ttlMs: Int64?
+
+    public init(key: [UInt8], value: [UInt8]?, ttlMs: Int64? = nil) {
+        self.key = key
+        self.value = value
+        self.ttlMs = ttlMs
+    }
+}
+
+/// A Redis script declared by a projection, identified by the SHA-1 of its source as Redis
+/// identifies it for EVALSHA.
+public struct RedisScript: Sendable, Equatable {
+    public var name: String
+    public var source: [UInt8]
+    public var sha1: String
+
+    public init(name: String, source: [UInt8]) {
+        self.name = name
+        self.source = source
+        self.sha1 = Digest.sha1Hex(source)
+    }
+}
+
+/// Redis commands a handler may queue with `ctx.redis`. Reads are excluded because a handler
+/// must not wait on a network round trip; it reads keyed state instead.
+let redisWriteCommands: Set<String> = [
+    "APPEND", "DECR", "DECRBY", "DEL", "EXPIRE", "EXPIREAT", "GEOADD", "HDEL", "HINCRBY",
+    "HINCRBYFLOAT", "HMSET", "HSET", "HSETNX", "INCR", "INCRBY", "INCRBYFLOAT", "LINSERT",
+    "LPOP", "LPUSH", "LREM", "LSET", "LTRIM", "MSET", "PERSIST", "PEXPIRE", "PEXPIREAT",
+    "PFADD", "PSETEX", "PUBLISH", "RPOP", "RPUSH", "SADD", "SET", "SETEX", "SETNX", "SETRANGE",
+    "SMOVE", "SPOP", "SREM", "UNLINK", "XADD", "XDEL", "XTRIM", "ZADD", "ZINCRBY", "ZPOPMAX",
+    "ZPOPMIN", "ZREM", "ZREMRANGEBYLEX", "ZREMRANGEBYRANK", "ZREMRANGEBYSCORE",
+]
+
+/// Redis commands a query may run with `ctx.redis`.
+let redisReadCommands: Set<String> = [
+    "EXISTS", "GET", "GETRANGE", "HEXISTS", "HGET", "HGETALL", "HKEYS", "HLEN", "HMGET",
+    "HVALS", "LINDEX", "LLEN", "LRANGE", "MGET", "PTTL", "SCARD", "SISMEMBER", "SMEMBERS",
+    "SMISMEMBER", "STRLEN", "TTL", "TYPE", "XLEN", "XRANGE", "XREVRANGE", "ZCARD", "ZCOUNT",
+    "ZRANGE", "ZRANGEBYSCORE", "ZRANK", "ZREVRANGE", "ZREVRANGEBYSCORE", "ZREVRANK", "ZSCORE",
+]

@@ -1,0 +1,157 @@
+import Foundation
+import HostAPI
+
+let runtimeVersion = "0.1.0"
+
+/// A mistake in the command line; exits with status 2.
+struct UsageError: Error {
+    var message: String
+}
+
+let mainHelp = """
+    projection-runtime \(runtimeVersion): hosts market-data projections written in Lua.
+
+    Usage:
+      projection-runtime check [--projections DIR]
+      projection-runtime test PATH --events FILE.jsonl [--topic TOPIC]
+      projection-runtime --help | --version
+
+    Commands:
+      check   Compile every projection of DIR and run its init; list every error with file:line.
+      test    Run events through one projection file or a folder offline and print the effects.
+
+    Run 'projection-runtime COMMAND --help' for a command's options.
+    """
+
+let checkHelp = """
+    Usage: projection-runtime check [--projections DIR]
+
+    Compiles every projection file of DIR (default: projections, or DATA_PROC_PROJECTIONS_DIR),
+    checks the table each returns, and runs its init. Prints one line per projection and one per
+    error with file:line. Exits 0 when every file loaded, 1 otherwise.
+
+    Options:
+      --projections DIR   the projections folder; library modules are in DIR/lib
+      --help              show this help
+    """
+
+let testHelp = """
+    Usage: projection-runtime test PATH --events FILE.jsonl [--topic TOPIC]
+
+    Runs the events of FILE.jsonl through the projection file PATH (its library folder is
+    lib/ beside it) or through every projection of the folder PATH, without Kafka, Redis or
+    ClickHouse. Prints each effect (Redis commands, ClickHouse rows, state changes, logs,
+    counters, errors) as one JSON object per line, in a stable order, for golden files.
+
+    Each line of FILE.jsonl is an event payload when --topic is given, else an envelope:
+      {"topic": "aggregation.bars.v1", "value": {...}, "key": "...", "partition": 0,
+       "offset": 0, "timestamp_ms": 0, "headers": {"name": "value"}}
+    A bad line is reported with its line number and the run goes on.
+    Exits 0 when every event was handled, 1 when any line or handler failed.
+
+    Options:
+      --events FILE   the events file (JSON lines)
+      --topic TOPIC   the topic of every line, which then holds a bare payload
+      --help          show this help
+    """
+
+enum Command {
+    case help(String)
+    case version
+    case check(projections: String)
+    case test(path: String, events: String, topic: String?)
+
+    static func parse(_ arguments: [String]) throws(UsageError) -> Command {
+        guard let first = arguments.first else { return .help(mainHelp) }
+        var options = OptionReader(Array(arguments.dropFirst()))
+        switch first {
+        case "--help", "-h", "help":
+            return .help(mainHelp)
+        case "--version":
+            return .version
+        case "check":
+            if options.flag("--help") { return .help(checkHelp) }
+            let folder = try options.value("--projections")
+                ?? ProcessInfo.processInfo.environment["DATA_PROC_PROJECTIONS_DIR"] ?? "projections"
+            try options.finish()
+            return .check(projections: folder)
+        case "test":
+            if options.flag("--help") { return .help(testHelp) }
+            guard let events = try options.value("--events") else {
+                throw UsageError(message: "test: --events FILE.jsonl is required")
+            }
+            let topic = try options.value("--topic")
+            guard let path = options.positional() else {
+                throw UsageError(message: "test: the projection file or folder is missing")
+            }
+            try options.finish()
+            return .test(path: path, events: events, topic: topic)
+        default:
+            throw UsageError(message: "unknown command '\(first)'")
+        }
+    }
+
+    func run() throws(UsageError) -> Int32 {
+        switch self {
+        case .help(let text):
+            print(text)
+            return 0
+        case .version:
+            print("projection-runtime \(runtimeVersion)")
+            return 0
+        case .check(let folder):
+            return CheckCommand(folder: folder).run()
+        case .test(let path, let events, let topic):
+            return try TestCommand(path: path, eventsFile: events, topic: topic).run()
+        }
+    }
+}
+
+/// Reads `--name value` options and positional arguments, rejecting leftovers.
+struct OptionReader {
+    private var arguments: [String]
+
+    init(_ arguments: [String]) {
+        self.arguments = arguments
+    }
+
+    mutating func flag(_ name: String) -> Bool {
+        guard let index = arguments.firstIndex(of: name) else { return false }
+        arguments.remove(at: index)
+        return true
+    }
+
+    mutating func value(_ name: String) throws(UsageError) -> String? {
+        if let index = arguments.firstIndex(where: { $0.hasPrefix(name + "=") }) {
+            let value = String(arguments[index].dropFirst(name.count + 1))
+            arguments.remove(at: index)
+            return value
+        }
+        guard let index = arguments.firstIndex(of: name) else { return nil }
+        guard index + 1 < arguments.count else {
+            throw UsageError(message: "\(name) needs a value")
+        }
+        let value = arguments[index + 1]
+        arguments.removeSubrange(index...index + 1)
+        return value
+    }
+
+    mutating func positional() -> String? {
+        guard let index = arguments.firstIndex(where: { !$0.hasPrefix("--") }) else { return nil }
+        return arguments.remove(at: index)
+    }
+
+    func finish() throws(UsageError) {
+        if let extra = arguments.first {
+            throw UsageError(message: "unexpected argument '\(extra)'")
+        }
+    }
+}
+
+func printError(_ text: String) {
+    FileHandle.standardError.write(Data((text + "\n").utf8))
+}
+
+func currentTimeMs() -> Int64 {
+    Int64(Date().timeIntervalSince1970 * 1000)
+}
