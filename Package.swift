@@ -40,6 +40,7 @@ let package = Package(
         .testTarget(
             name: "HostAPITests",
             dependencies: ["HostAPI", "CLua", "CLuaJSON"],
+            exclude: ["Golden"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
     ]

@@ -206,7 +206,7 @@ extension ProjectionInstance {
     }
 
     private func setFunction(_ field: String, _ function: HostFunction) {
-        clua_push_host_function(state.pointer, unsafeBitCast(function, to: clua_host_function.self),
+        clua_push_host_function(state.pointer, function,
                                 Unmanaged.passUnretained(scope).toOpaque())
         lua_setfield(state.pointer, -2, field)
     }

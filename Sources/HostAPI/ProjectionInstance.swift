@@ -94,7 +94,7 @@ public final class ProjectionInstance {
         do {
             try state.load(source: Array(sandboxPrelude.utf8), chunkName: "=sandbox prelude")
             clua_newtable(L)
-            clua_push_host_function(L, unsafeBitCast(logFunction, to: clua_host_function.self),
+            clua_push_host_function(L, logFunction,
                                     contextPointer)
             lua_setfield(L, -2, "log")
             _ = cljson_open(L)

@@ -14,11 +14,15 @@ end
 -- Drops the state of instruments that stop trading.
 local STATE_TTL_MS = 7 * 24 * 60 * 60 * 1000
 
+local TYPE_NAMES = { string = "a string", integer = "an integer", number = "a number" }
+
+-- Returns event[name] when it has the expected type ("string", "integer" or "number"), and
+-- raises an error naming the field otherwise.
 local function field(event, name, expected)
   local value = event[name]
   if type(value) ~= expected and math.type(value) ~= expected then
     local got = value == json.null and "null" or type(value)
-    error(string.format("invalid bar: field '%s' must be a %s, got %s", name, expected, got), 0)
+    error(string.format("invalid bar: field '%s' must be %s, got %s", name, TYPE_NAMES[expected], got), 0)
   end
   return value
 end
@@ -29,6 +33,8 @@ end
 
 -- The Redis key of one series. The {tenant_id} hash tag keeps a tenant's keys in one
 -- Redis Cluster slot.
+-- NOTE: tenant ids are assumed to contain no ':', '{' or '}' (docs/events.md). This file does
+-- not check it; fields.tenant_id in projections/lib does.
 local function redis_key(tenant_id, instrument_id, timeframe)
   return "lc:{" .. tenant_id .. "}:" .. instrument_id .. ":" .. timeframe
 end
@@ -70,10 +76,10 @@ local function on_event(event, ctx)
   end
 
   ctx.state.put(key, closes, STATE_TTL_MS)
-  ctx.redis("SET", redis_key(tenant_id, instrument_id, timeframe), json.encode(closes))
+  ctx.redis("SET", redis_key(tenant_id, instrument_id, timeframe), json.encode(closes, { sort_keys = true }))
 end
 
--- GET /projections/last_closes?tenant_id=..&instrument_id=..&timeframe=..
+-- The default query. Parameters: tenant_id, instrument_id, timeframe.
 local function query_closes(params, ctx)
   for _, name in ipairs({ "tenant_id", "instrument_id", "timeframe" }) do
     if params[name] == nil or params[name] == "" then
