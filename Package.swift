@@ -22,9 +22,16 @@ let package = Package(
             dependencies: ["CLua", "CLuaJSON", "CCrypto"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
+        // librdkafka, hiredis and libyaml import as they are.
+        .systemLibrary(name: "CRdKafka", path: "Sources/CRdKafka"),
+        .systemLibrary(name: "CHiredis", path: "Sources/CHiredis"),
+        .systemLibrary(name: "CYAML", path: "Sources/CYAML"),
+        // libmicrohttpd and libcurl need C wrappers for their variadic functions.
+        .target(name: "CMicroHTTPD", linkerSettings: [.linkedLibrary("microhttpd")]),
+        .target(name: "CCurl", linkerSettings: [.linkedLibrary("curl")]),
         .target(
             name: "Runtime",
-            dependencies: ["HostAPI"],
+            dependencies: ["HostAPI", "CRdKafka", "CHiredis", "CYAML", "CMicroHTTPD", "CCurl"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .executableTarget(
@@ -35,6 +42,11 @@ let package = Package(
         .executableTarget(
             name: "host-bench",
             dependencies: ["HostAPI", "CLua", "CLuaJSON"],
+            swiftSettings: [.swiftLanguageMode(.v6)]
+        ),
+        .testTarget(
+            name: "RuntimeTests",
+            dependencies: ["Runtime", "HostAPI", "CRdKafka", "CHiredis"],
             swiftSettings: [.swiftLanguageMode(.v6)]
         ),
         .testTarget(

@@ -42,7 +42,7 @@ final class JSONCodecTests: XCTestCase {
         }
         XCTAssertEqual(lua_gettop(L), top, "a failed decode leaves the stack as it was",
                        file: file, line: line)
-        return String(cString: error)
+        return message(error)
     }
 
     private func decode(_ text: String, maxDepth: Int = 0, maxBytes: Int = 0,
@@ -84,7 +84,7 @@ final class JSONCodecTests: XCTestCase {
             return (String(decoding: bytes, as: UTF8.self), nil)
         }
         XCTAssertEqual(buffer.length, 0, "a failed encode appends nothing")
-        return (nil, String(cString: error))
+        return (nil, message(error))
     }
 
     /// Evaluates the Lua expression and encodes its value, with sorted keys unless told not to.
@@ -118,11 +118,16 @@ final class JSONCodecTests: XCTestCase {
         return encodeTop(flags: Int32(CLJSON_SORT_KEYS), maxDepth: 0).text
     }
 
+    /// The NUL-terminated message that the codec wrote into `error`.
+    private func message(_ error: [CChar]) -> String {
+        String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     /// glibc's %.<precision>g, the reference for the float format.
     private func formatG(_ value: Double, precision: Int) -> String {
         var text = [CChar](repeating: 0, count: 64)
         _ = withVaList([value]) { vsnprintf(&text, text.count, "%.\(precision)g", $0) }
-        return String(cString: text)
+        return message(text)
     }
 
     // MARK: Decoding values
@@ -199,7 +204,7 @@ final class JSONCodecTests: XCTestCase {
     func testFractionOrExponentDecodesAsFloat() {
         let cases: [(String, Double)] = [
             ("1.0", 1.0), ("2.5e3", 2500.0), ("1E2", 100.0), ("1e-2", 0.01), ("-0.0", -0.0),
-            ("101.25", 101.25), ("0.1", 0.1), ("1e-400", 0.0), ("4.9406564584124654e-324", 5e-324),
+            ("101.25", 101.25), ("0.1", 0.1), ("1e-400", 0.0), ("4.9406564584124654e-324", Double.leastNonzeroMagnitude),
         ]
         for (text, expected) in cases {
             XCTAssertNil(decode(text), text)
@@ -219,13 +224,16 @@ final class JSONCodecTests: XCTestCase {
         for _ in 0..<3000 {
             let digits = String(random.next() % 10_000_000_000_000_000_000)
             let fraction = String(random.next() % 1_000_000)
-            let exponent = Int(random.next() % 600) - 300
+            let exponent = Int(random.next() % 580) - 300   // keeps every value finite
             texts.append("\(digits).\(fraction)e\(exponent)")
             texts.append("\(random.next() % 100_000).\(random.next() % 10_000)")
             texts.append("-\(random.next() % 1_000_000_000_000_000)e-\(random.next() % 25)")
         }
         for text in texts {
-            XCTAssertNil(decode(text), text)
+            if let error = decode(text) {
+                XCTFail(error)
+                continue
+            }
             XCTAssertEqual(clua_tonumberx(L, -1, nil), Double(text)!, text)
             clua_pop(L, 1)
         }
@@ -454,13 +462,14 @@ final class JSONCodecTests: XCTestCase {
         }
         defer { lua_close(capped) }
         limits.pointee.memory_limit = limits.pointee.memory_used + 64 * 1024
+        limits.pointee.enforce_memory_limit = 1
 
         let big = "[" + Array(repeating: "\"abcdefghijklmnop\"", count: 20000).joined(separator: ",") + "]"
         var error = [CChar](repeating: 0, count: 256)
         let top = lua_gettop(capped)
         let ok = big.withCString { cljson_decode(capped, $0, strlen($0), nil, &error, error.count) }
         XCTAssertEqual(ok, 0)
-        XCTAssertEqual(String(cString: error), "JSON decode failed: not enough memory")
+        XCTAssertEqual(message(error), "JSON decode failed: not enough memory")
         XCTAssertEqual(lua_gettop(capped), top, "the stack is as it was")
         XCTAssertEqual(limits.pointee.memory_exceeded, 1)
 
@@ -503,7 +512,7 @@ final class JSONCodecTests: XCTestCase {
             ("2.0", "2.0"), ("-2.0", "-2.0"), ("1e300", "1e+300"), ("-0.0", "-0.0"), ("0.0", "0.0"),
             ("2^53", "9007199254740992.0"), ("1e15", "1e+15"), ("1e14", "100000000000000.0"),
             ("1e-5", "1e-05"), ("0.0001", "0.0001"), ("123456.789", "123456.789"), ("101.25", "101.25"),
-            ("5e-324", "4.9406564584124654e-324"), ("1.7976931348623157e308", "1.7976931348623157e+308"),
+            ("5e-324", "4.94065645841247e-324"), ("1.7976931348623157e308", "1.7976931348623157e+308"),
         ]
         for (expression, expected) in cases {
             XCTAssertEqual(encodedText(expression), expected, expression)
@@ -631,10 +640,11 @@ final class JSONCodecTests: XCTestCase {
 
     func testSortKeysOrdersBytewise() {
         let expression = "{ b = 1, a = 2, B = 3, ['a b'] = 4, aa = 5, [''] = 6, ['é'] = 7, z = { y = 1, x = 2 } }"
-        XCTAssertEqual(encode(expression).text, #"{"":6,"B":3,"a":2,"a b":4,"aa":5,"b":1,"z":{"x":2,"y":1},"é":7}"#)
+        let sorted = #"{"":6,"B":3,"a":2,"a b":4,"aa":5,"b":1,"z":{"x":2,"y":1},"é":7}"#
+        XCTAssertEqual(encode(expression).text, sorted)
         let unsorted = encode(expression, flags: 0).text ?? ""
-        XCTAssertEqual(unsorted.count, 60, "unsorted output has the same members")
-        XCTAssertFalse(unsorted.contains(" "), "no whitespace")
+        XCTAssertEqual(unsorted.utf8.count, sorted.utf8.count, "unsorted output has the same members")
+        XCTAssertEqual(unsorted.filter { $0 == " " }.count, 1, "no whitespace besides the key 'a b'")
     }
 
     func testEncodeAppendsAndRestoresOnFailure() {
@@ -654,7 +664,7 @@ final class JSONCodecTests: XCTestCase {
         XCTAssertEqual(cljson_encode(L, 1, &buffer, 0, 0, &error, error.count), 1, "positive indexes work")
         XCTAssertEqual(lua_gettop(L), 3)
         XCTAssertEqual(cljson_encode(L, 10, &buffer, 0, 0, &error, error.count), 0)
-        XCTAssertEqual(String(cString: error), "JSON encode failed: stack index 10 holds no value")
+        XCTAssertEqual(message(error), "JSON encode failed: stack index 10 holds no value")
     }
 
     func testLuaLibraryFunctions() {

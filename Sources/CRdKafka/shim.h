@@ -1,0 +1,3 @@
+// librdkafka (librdkafka-dev): the consumer, the producer and the mock cluster.
+#include <librdkafka/rdkafka.h>
+#include <librdkafka/rdkafka_mock.h>

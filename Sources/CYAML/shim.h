@@ -1,0 +1,2 @@
+// libyaml (libyaml-dev): the event parser behind the --config file.
+#include <yaml.h>
