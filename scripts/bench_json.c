@@ -1,13 +1,13 @@
 // Measures JSON decoding into Lua values, and encoding back, for the choice recorded in
 // docs/json.md. Build and run it with scripts/bench-json.sh.
 //
-// Decoders compared on the same two payloads (a bar event and a ~4 KB nested document):
-//   cljson_decode     this codec through its C API (single pass, values built directly)
-//   json.decode       this codec called as a Lua function, the way projections call it
-//   jansson+walk      jansson's json_loadb, then a walk of the tree that builds Lua values
-//                     inside lua_pcall, as a shim around a Debian C library would have to
-//   lua-cjson         Debian's lua-cjson 2.1.0 decode, for reference (numbers become floats)
-// Encoders: this codec (cljson_encode and json.encode) and lua-cjson's encode.
+// The decoders run on the same two payloads, a bar event and a ~4 KB nested document:
+// - cljson_decode: this codec through its C API (single pass, values built directly).
+// - json.decode: this codec called as a Lua function, the way projections call it.
+// - jansson+walk: jansson's json_loadb, then a walk of the tree that builds Lua values inside
+//   lua_pcall, as a shim around a Debian C library would have to.
+// - lua-cjson: Debian's lua-cjson 2.1.0, for reference. It decodes every number as a float.
+// The encoders are this codec (cljson_encode and json.encode) and lua-cjson's encode.
 //
 // Usage: bench_json [seconds per case]   (default 0.25)
 #include "CLuaJSON.h"
@@ -40,7 +40,7 @@ static double now_seconds(void) {
 // arrays and objects.
 static char *build_nested_payload(size_t *length) {
     static const char *instruments[] = {"AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META",
-                                        "TSLA", "ASML", "SAP", "TSM"};
+                                        "TSLA", "ASML", "SAP", "TSM", "NFLX", "ORCL"};
     size_t capacity = 8192;
     char *text = malloc(capacity);
     size_t used = 0;
@@ -50,7 +50,7 @@ static char *build_nested_payload(size_t *length) {
                              "\"generated_at_ms\":1764800060000,\"partial\":false,"
                              "\"columns\":[\"instrument_id\",\"start_ms\",\"open\",\"high\","
                              "\"low\",\"close\",\"volume\"],\"rows\":[");
-    for (int i = 0; i < 10; i++) {
+    for (int i = 0; i < 12; i++) {
         used += (size_t)snprintf(
             text + used, capacity - used,
             "%s{\"instrument_id\":\"%s\",\"start_ms\":%lld,\"open\":%.2f,\"high\":%.2f,"
@@ -63,7 +63,7 @@ static char *build_nested_payload(size_t *length) {
             i % 4, i);
     }
     used += (size_t)snprintf(text + used, capacity - used,
-                             "],\"summary\":{\"row_count\":10,\"vwap\":101.41,"
+                             "],\"summary\":{\"row_count\":12,\"vwap\":101.41,"
                              "\"bounds\":{\"min_ms\":1764800000000,\"max_ms\":1764800540000}}}");
     *length = used;
     return text;

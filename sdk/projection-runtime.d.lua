@@ -1,8 +1,8 @@
 ---@meta projection-runtime
 
 -- Editor definitions for projection files, read by lua-language-server (LuaLS) through
--- .luarc.json. The runtime never loads this file. docs/projections.md is the guide; the host
--- code in Sources/HostAPI (ContextFunctions.swift, ProjectionContract.swift and
+-- .luarc.json. The runtime never loads this file. docs/projections.md is the guide, and the
+-- host code in Sources/HostAPI (ContextFunctions.swift, ProjectionContract.swift and
 -- SandboxPrelude.swift) is the source of truth.
 
 -- MARK: JSON
@@ -118,8 +118,8 @@ function ProjectionState.put(key, value, ttl_ms) end
 ---@param key string
 function ProjectionState.delete(key) end
 
----The `ctx` argument of `on_event`. Every function queues an effect or a state change;
----nothing does I/O while the handler runs.
+---The `ctx` argument of `on_event`. Every function queues an effect or a state change,
+---and nothing does I/O while the handler runs.
 ---@class ProjectionEventContext
 ---@field projection string The projection's name.
 ---@field topic string The Kafka topic of the event.
@@ -127,7 +127,7 @@ function ProjectionState.delete(key) end
 ---@field offset integer The Kafka offset of the event.
 ---@field key string|nil The Kafka message key, or nil when the message has none.
 ---@field timestamp_ms integer|nil The message timestamp in epoch milliseconds, or nil.
----@field headers table<string, string|false> Message headers by name; a header without a value is `false`.
+---@field headers table<string, string|false> Message headers by name. A header without a value is `false`.
 ---@field state ProjectionState
 local ProjectionEventContext = {}
 
@@ -141,7 +141,7 @@ local ProjectionEventContext = {}
 function ProjectionEventContext.redis(command, ...) end
 
 ---Queues EVALSHA of the script `name` from the projection's `scripts` table, by the SHA-1 of
----its source. `keys` and `args` are arrays of strings or finite numbers; nil means empty.
+---its source. `keys` and `args` are arrays of strings or finite numbers, and nil means empty.
 ---Raises when the projection declares no script of that name.
 ---@param name string
 ---@param keys? (string|number)[]
@@ -183,8 +183,8 @@ function ProjectionInitContext.clickhouse(sql) end
 ---@param fields? table<string, JsonValue>
 function ProjectionInitContext.log(level, message, fields) end
 
----The `ctx` argument of a query function. Queries may read Redis and ClickHouse; they cannot
----read keyed state or write anything.
+---The `ctx` argument of a query function. Queries may read Redis and ClickHouse, but they
+---cannot read keyed state or write anything.
 ---@class ProjectionQueryContext
 ---@field projection string The projection's name.
 local ProjectionQueryContext = {}
@@ -222,8 +222,8 @@ function ProjectionQueryContext.log(level, message, fields) end
 
 ---The table a projection file returns. Fields other than these are rejected at load.
 ---@class (exact) Projection
----@field name? string Lower-case letters, digits and `_`, starting with a letter, at most 64 bytes; defaults to the file name without `.lua`.
----@field topics string[] The Kafka topics to consume; at least one.
+---@field name? string Lower-case letters, digits and `_`, starting with a letter, at most 64 bytes. Defaults to the file name without `.lua`.
+---@field topics string[] The Kafka topics to consume, at least one.
 ---@field on_event fun(event: JsonValue, ctx: ProjectionEventContext) Called once per event with the decoded payload.
 ---@field init? fun(ctx: ProjectionInitContext) Runs once when a version loads, for ClickHouse DDL.
 ---@field queries? table<string, ProjectionQuery> Query functions by name: lower-case letters, digits and `_`, starting with a letter.

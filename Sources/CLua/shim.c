@@ -112,8 +112,12 @@ int clua_error_string(lua_State *L, const char *message) {
 
 int clua_traceback_handler(lua_State *L) {
     const char *message = lua_tostring(L, 1);
-    if (message == NULL) {
+    if (message == NULL && luaL_getmetafield(L, 1, "__tostring") != LUA_TNIL) {
+        lua_pop(L, 1);
         message = luaL_tolstring(L, 1, NULL);
+    } else if (message == NULL) {
+        // "table: 0x..." would differ between runs; name the type instead.
+        message = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
     }
     luaL_traceback(L, L, message, 1);
     return 1;

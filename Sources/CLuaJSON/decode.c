@@ -21,13 +21,13 @@
 // table being filled with two pushed copies, and a string buffer or temporary number text.
 #define SLOTS_PER_LEVEL (2 * PENDING_MEMBERS_MAX + 6)
 
-// Open containers whose records fit in the C stack frame; deeper ones move to a userdata.
+// Open containers whose records fit in the C stack frame. Deeper ones move to a userdata.
 #define INLINE_CONTAINERS 64
 
 // Stack slots of the protected call.
 #define DECODER_SLOT 1          // light userdata: the decoder
 #define ARRAY_METATABLE_SLOT 2  // the shared array metatable
-#define CONTAINERS_SLOT 3       // nil, or the userdata that holds the open container records
+#define CONTAINERS_SLOT 3       // nil, or the userdata that contains the open container records
 
 // An open array or object. Until it has its table, its members are the stack slots above
 // `base` (key and value pairs for an object). Once `is_direct` is set, the table is at
@@ -51,9 +51,10 @@ typedef struct decoder {
     size_t capacity;
 } decoder;
 
-// Numbers with at most this many significant digits and a decimal exponent within
-// +-FAST_POW10_MAX convert exactly with one multiplication or division, because the
-// mantissa and the power of ten are both exact doubles (Clinger's fast path).
+// A number whose digits, read as one integer, are at most FAST_MANTISSA_MAX and whose decimal
+// exponent is within +-FAST_POW10_MAX converts with one multiplication or division. Both
+// operands are exact doubles, so the single rounding gives the correctly rounded result
+// (Clinger's fast path).
 #define FAST_MANTISSA_MAX (UINT64_C(1) << 53)
 #define FAST_POW10_MAX 22
 static const double exact_powers_of_ten[FAST_POW10_MAX + 1] = {
@@ -61,7 +62,7 @@ static const double exact_powers_of_ten[FAST_POW10_MAX + 1] = {
     1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 };
 
-// Number tokens shorter than this are copied to the C stack for strtod; longer ones go to a
+// Number tokens shorter than this are copied to the C stack for strtod. Longer ones go to a
 // temporary userdata block.
 #define NUMBER_COPY_MAX 64
 
@@ -307,8 +308,9 @@ static inline const unsigned char *decode_string(lua_State *L, decoder *d,
 }
 
 // Converts a number token with a fraction or exponent, or an integer beyond int64, with strtod.
-// strtod is correctly rounded in glibc. The token is copied because the input need not be
-// NUL-terminated, and its '.' is replaced by the locale's decimal point, which strtod expects.
+// glibc's strtod rounds correctly, and JSONCodecTests checks it against Swift's Double parser.
+// The token is copied because the input need not be NUL-terminated, and its '.' is replaced by
+// the locale's decimal point, which strtod expects.
 static int push_number_with_strtod(lua_State *L, decoder *d, const unsigned char *token,
                                    size_t length) {
     char copy[NUMBER_COPY_MAX];

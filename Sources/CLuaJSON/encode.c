@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Nesting levels whose frames fit in the encoder itself; deeper values use a heap array.
+// Nesting levels whose frames fit in the encoder itself. Deeper values use a heap array.
 #define INLINE_FRAMES 32
 
 // Stack slots that one open table may use at once besides its sorted keys.
@@ -35,8 +35,8 @@ typedef struct encode_frame {
     enum frame_kind kind;
     int table_index;      // absolute stack index of the table
     const void *table;    // lua_topointer of the table, for cycle detection
-    lua_Integer next;     // array: next Lua index; objects: members written so far
-    lua_Integer count;    // array: length; sorted object: number of keys
+    lua_Integer next;     // the next Lua index (array), or the members written so far (objects)
+    lua_Integer count;    // the length (array), or the number of keys (sorted object)
     sorted_key *keys;     // sorted object only, owned by the frame
 
     // The child being encoded, for error paths.
@@ -66,7 +66,7 @@ typedef enum string_status {
     STRING_OUT_OF_MEMORY,
 } string_status;
 
-// A bounded writer over the caller's error buffer; text past the capacity is dropped.
+// A bounded writer over the caller's error buffer. Text past the capacity is dropped.
 typedef struct text_writer {
     char *data;
     size_t capacity;
@@ -170,16 +170,16 @@ static void write_path(text_writer *writer, const encoder *e) {
     }
 }
 
-// Records "cannot encode WHAT at PATH: REASON" for the value being encoded and returns 0.
+// Records "cannot encode VALUE_KIND at PATH: REASON" for the value being encoded and returns 0.
 __attribute__((format(printf, 3, 4)))
-static int encode_fail(encoder *e, const char *what, const char *reason_format, ...) {
+static int encode_fail(encoder *e, const char *value_kind, const char *reason_format, ...) {
     text_writer writer = {e->error, e->error_capacity, 0};
     va_list arguments;
 
     if (writer.data != NULL && writer.capacity > 0) {
         writer.data[0] = '\0';
     }
-    writer_printf(&writer, "cannot encode %s at ", what);
+    writer_printf(&writer, "cannot encode %s at ", value_kind);
     write_path(&writer, e);
     writer_append(&writer, ": ", 2);
     va_start(arguments, reason_format);
@@ -300,11 +300,11 @@ static const double exact_powers_of_ten[] = {
 // below 10^15, which covers prices and quantities with a few decimals. Returns the length, or
 // 0 when the value needs the general path.
 //
-// The text then equals what append_float's %.15g step writes: m / 10^k is within half an ulp
+// The text then equals what append_float's %.15g step writes. m / 10^k is within half an ulp
 // (2^-53 relative) of the value, much closer than half a step of the 15-digit grid (5e-16
-// relative), so %.15g rounds to exactly these digits, and between 1e-4 and 1e15 %g uses fixed
+// relative), so %.15g rounds to exactly these digits. Between 1e-4 and 1e15, %g uses fixed
 // notation. strtod reads the text back as the same double, because it and the division below
-// both round the same rational number correctly.
+// both round the same rational number correctly. JSONCodecTests compares both paths.
 static int format_short_decimal(double value, char *text) {
     double magnitude = fabs(value);
 

@@ -32,8 +32,8 @@ void cljson_write_error(char *error, size_t capacity, const char *format, ...)
     __attribute__((format(printf, 3, 4)));
 
 // Returns the length (2 to 4) of the well-formed UTF-8 sequence that starts at `p`, or 0 if the
-// sequence is invalid: a stray continuation byte, an overlong form, a UTF-16 surrogate
-// (U+D800..U+DFFF), a code point above U+10FFFF, or a sequence cut off by `end`.
+// sequence is invalid. Invalid sequences are stray continuation bytes, overlong forms, UTF-16
+// surrogates (U+D800..U+DFFF), code points above U+10FFFF and sequences cut off by `end`.
 // `p[0]` must be 0x80 or above and `p` must be before `end`.
 static inline size_t cljson_utf8_sequence_length(const unsigned char *p, const unsigned char *end) {
     size_t available = (size_t)(end - p);

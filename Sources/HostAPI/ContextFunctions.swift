@@ -50,6 +50,13 @@ private func typeName(_ L: OpaquePointer, _ index: Int32) -> String {
     String(cString: lua_typename(L, lua_type(L, index)))
 }
 
+/// The type of a rejected argument, naming NaN and infinities, which are numbers Redis cannot take.
+private func describe(_ L: OpaquePointer, _ index: Int32) -> String {
+    guard lua_type(L, index) == LUA_TNUMBER, lua_isinteger(L, index) == 0 else { return typeName(L, index) }
+    let value = clua_tonumberx(L, index, nil)
+    return value.isNaN ? "NaN" : (value.isInfinite ? "an infinite number" : "number")
+}
+
 /// Encodes the argument at `index` as JSON without touching the Lua heap.
 private func jsonArgument(_ L: OpaquePointer, _ index: Int32, sortKeys: Bool = false)
     -> Result<[UInt8], LuaError>
@@ -80,7 +87,7 @@ private func redisArgumentList(_ L: OpaquePointer, _ index: Int32, what: String)
         lua_rawgeti(L, index, lua_Integer(position) + 1)
         defer { clua_pop(L, 1) }
         guard let argument = redisArgument(L, -1) else {
-            let got = typeName(L, -1)
+            let got = describe(L, -1)
             return .failure(LuaError(
                 message: "\(what)[\(position + 1)] must be a string or a finite number, got \(got)"))
         }
@@ -139,8 +146,9 @@ let stateDeleteFunction: HostFunction = { L, context, result in
     }
 }
 
-/// Reads `ctx.redis(command, ...)` arguments, checking the command against `allowed`.
-private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, kind: String)
+/// Reads `ctx.redis(command, ...)` arguments, checking the command against `allowed`; `hint`
+/// follows the message when the command itself is not allowed.
+private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, kind: String, hint: String)
     -> Result<[[UInt8]], LuaError>
 {
     guard let name = stringArgument(L, 1) else {
@@ -148,7 +156,7 @@ private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, kind: String
     }
     let command = String(decoding: name, as: UTF8.self).uppercased()
     guard allowed.contains(command) else {
-        return .failure(LuaError(message: "ctx.redis: \(command) is not a \(kind) command allowed here"))
+        return .failure(LuaError(message: "ctx.redis: \(command) is not a \(kind) command allowed here (\(hint))"))
     }
     var arguments = [Array(command.utf8)]
     let count = lua_gettop(L)
@@ -156,7 +164,7 @@ private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, kind: String
         for index in 2...count {
             guard let argument = redisArgument(L, index) else {
                 return .failure(LuaError(message:
-                    "ctx.redis: argument \(index - 1) of \(command) must be a string or a finite number, got \(typeName(L, index))"))
+                    "ctx.redis: argument \(index - 1) of \(command) must be a string or a finite number, got \(describe(L, index))"))
             }
             arguments.append(argument)
         }
@@ -167,9 +175,10 @@ private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, kind: String
 /// ctx.redis(command, ...) in on_event: queues a write command.
 let redisWriteFunction: HostFunction = { L, context, result in
     withScope(L, context, result) { L, scope, result in
-        switch redisCommand(L, allowed: redisWriteCommands, kind: "write") {
+        switch redisCommand(L, allowed: redisWriteCommands, kind: "write",
+                            hint: "handlers queue writes only; read keyed state instead") {
         case .failure(let error):
-            scope.fail(result, error.message + " (handlers queue writes only; read keyed state instead)")
+            scope.fail(result, error.message)
         case .success(let arguments):
             scope.effects.append(.redis(arguments: arguments))
         }
@@ -315,9 +324,9 @@ private func runQueryRead(_ scope: ProjectionScope, _ result: UnsafeMutablePoint
 /// ctx.redis(command, ...) in a query: runs a read command and returns its reply.
 let redisReadFunction: HostFunction = { L, context, result in
     withScope(L, context, result) { L, scope, result in
-        switch redisCommand(L, allowed: redisReadCommands, kind: "read") {
+        switch redisCommand(L, allowed: redisReadCommands, kind: "read", hint: "queries may only read") {
         case .failure(let error):
-            scope.fail(result, error.message + " (queries may only read)")
+            scope.fail(result, error.message)
         case .success(let arguments):
             runQueryRead(scope, result) { $0.redis(arguments) }
         }

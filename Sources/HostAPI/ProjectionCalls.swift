@@ -76,7 +76,7 @@ extension ProjectionInstance {
     /// metatable a projection put on ctx cannot run here, outside a protected call.
     private func pushEventContext(_ message: EventMessage) {
         let L = state.pointer
-        state.pushReference(eventContextReference)
+        state.pushReference(eventFieldsReference)
         let ctx = lua_gettop(L)
 
         setRaw(ctx, "topic") { state.pushString(message.topic) }
@@ -100,6 +100,8 @@ extension ProjectionInstance {
                 lua_rawset(L, -3)
             }
         }
+        state.pop()
+        state.pushReference(eventContextReference)
     }
 
     private func setRaw(_ table: Int32, _ field: String, push: () -> Void) {

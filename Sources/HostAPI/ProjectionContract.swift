@@ -164,8 +164,9 @@ extension ProjectionInstance {
 
     // MARK: - ctx tables
 
-    /// Builds the three ctx tables once; per-event fields are set before each call.
-    func buildContexts() {
+    /// Builds the three ctx tables once; per-event fields are set before each call. Projections
+    /// see read-only views, so nothing one event writes into ctx reaches the next.
+    func buildContexts() throws(ProjectionFailure) {
         let L = state.pointer
 
         clua_newtable(L)
@@ -174,18 +175,23 @@ extension ProjectionInstance {
         setFunction("get", stateGetFunction)
         setFunction("put", statePutFunction)
         setFunction("delete", stateDeleteFunction)
+        try makeReadOnly("ctx.state")
         lua_setfield(L, -2, "state")
         setFunction("redis", redisWriteFunction)
         setFunction("redis_script", redisScriptFunction)
         setFunction("insert", insertFunction)
         setFunction("log", logFunction)
         setFunction("count", countFunction)
+        lua_pushvalue(L, -1)
+        eventFieldsReference = state.popReference()
+        try makeReadOnly("ctx")
         eventContextReference = state.popReference()
 
         clua_newtable(L)
         setContextName()
         setFunction("clickhouse", clickhouseStatementFunction)
         setFunction("log", logFunction)
+        try makeReadOnly("ctx")
         initContextReference = state.popReference()
 
         clua_newtable(L)
@@ -194,10 +200,26 @@ extension ProjectionInstance {
         setFunction("clickhouse", clickhouseSelectFunction)
         setFunction("clickhouse_quote", clickhouseQuoteFunction)
         setFunction("log", logFunction)
+        try makeReadOnly("ctx")
         queryContextReference = state.popReference()
 
         clua_newtable(L)
+        try makeReadOnly("ctx.headers")
         emptyHeadersReference = state.popReference()
+    }
+
+    /// Replaces the table on top of the stack with a read-only view of it.
+    private func makeReadOnly(_ what: String) throws(ProjectionFailure) {
+        let L = state.pointer
+        state.pushReference(readOnlyReference)
+        clua_insert(L, -2)
+        state.pushString(what)
+        do {
+            try state.call(arguments: 2, results: 1)
+        } catch {
+            throw ProjectionFailure(phase: .load, projection: name, file: code.file,
+                                    message: "cannot build \(what): \(error.message)")
+        }
     }
 
     private func setContextName() {

@@ -30,6 +30,9 @@ public final class ProjectionInstance {
     var initContextReference: Int32 = LUA_NOREF
     var queryContextReference: Int32 = LUA_NOREF
     var emptyHeadersReference: Int32 = LUA_NOREF
+    /// The table behind the read-only event ctx, where the host sets per-event fields.
+    var eventFieldsReference: Int32 = LUA_NOREF
+    var readOnlyReference: Int32 = LUA_NOREF
 
     /// Compiles `code` in a fresh sandboxed state and checks the table it returns.
     public init(code: ProjectionCode, limits: LuaLimits = LuaLimits(),
@@ -52,7 +55,7 @@ public final class ProjectionInstance {
         let loadProjection = try runPrelude()
         try loadFile(with: loadProjection)
         try readContract()
-        buildContexts()
+        try buildContexts()
     }
 
     deinit {
@@ -109,11 +112,12 @@ public final class ProjectionInstance {
             lua_setfield(L, -2, "libraries")
             state.pushString(code.libraries.path)
             lua_setfield(L, -2, "library_path")
-            try state.call(arguments: 1, results: 3)
+            try state.call(arguments: 1, results: 4)
         } catch {
             throw ProjectionFailure(phase: .load, projection: nil, file: code.file,
                                     message: "sandbox setup failed: \(error.message)")
         }
+        readOnlyReference = state.popReference()
         requiredListReference = state.popReference()
         state.pop()  // new_env: the host does not need it
         return state.popReference()

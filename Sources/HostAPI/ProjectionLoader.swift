@@ -141,6 +141,13 @@ public struct ProjectionLoader: Sendable {
     /// The folder's `*.lua` files (not its subfolders), sorted by name. Hidden files and editor
     /// leftovers starting with `.` or `#` are skipped.
     func projectionFiles() throws(FolderError) -> [(path: String, stem: String, source: [UInt8])] {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: folder, isDirectory: &isDirectory) else {
+            throw FolderError(path: folder, reason: "no such folder")
+        }
+        guard isDirectory.boolValue else {
+            throw FolderError(path: folder, reason: "not a folder")
+        }
         let names: [String]
         do {
             names = try FileManager.default.contentsOfDirectory(atPath: folder)

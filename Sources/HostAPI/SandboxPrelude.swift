@@ -4,7 +4,8 @@
 ///
 /// Arguments: `host` (log function, `json`, settings, library sources keyed by module name,
 /// the library folder's display path).
-/// Returns: `load_projection(source, chunkname)`, `new_env()`, the `required` list.
+/// Returns: `load_projection(source, chunkname)`, `new_env()`, the `required` list and
+/// `read_only(table, what)`, which the host uses to hand out ctx tables.
 let sandboxPrelude = #"""
 local host = ...
 local real_load = load
@@ -134,5 +135,5 @@ local function load_projection(source, chunkname)
   return chunk()
 end
 
-return load_projection, new_env, required
+return load_projection, new_env, required, read_only
 """#

@@ -87,7 +87,7 @@ final class JSONCodecTests: XCTestCase {
         return (nil, message(error))
     }
 
-    /// Evaluates the Lua expression and encodes its value, with sorted keys unless told not to.
+    /// Evaluates the Lua expression and encodes its value, by default with sorted keys.
     private func encode(_ expression: String, flags: Int32 = Int32(CLJSON_SORT_KEYS),
                         maxDepth: Int = 0) -> (text: String?, error: String?) {
         let source = "return " + expression
@@ -118,12 +118,12 @@ final class JSONCodecTests: XCTestCase {
         return encodeTop(flags: Int32(CLJSON_SORT_KEYS), maxDepth: 0).text
     }
 
-    /// The NUL-terminated message that the codec wrote into `error`.
+    /// Returns the NUL-terminated message that the codec wrote into `error`.
     private func message(_ error: [CChar]) -> String {
         String(decoding: error.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
-    /// glibc's %.<precision>g, the reference for the float format.
+    /// Formats with glibc's %.<precision>g, the reference for the float format.
     private func formatG(_ value: Double, precision: Int) -> String {
         var text = [CChar](repeating: 0, count: 64)
         _ = withVaList([value]) { vsnprintf(&text, text.count, "%.\(precision)g", $0) }
@@ -132,7 +132,7 @@ final class JSONCodecTests: XCTestCase {
 
     // MARK: Decoding values
 
-    func testObjectDecodesToUntaggedTableWithStringKeys() {
+    func testObjectDecodesToPlainTable() {
         decodeGlobal(#"{"a": 1, "b c": "x", "": true}"#)
         XCTAssertNil(runLua("""
             assert(type(v) == 'table')
@@ -563,7 +563,7 @@ final class JSONCodecTests: XCTestCase {
         XCTAssertEqual(encodedText(#"{ ['k"\n'] = 1 }"#), #"{"k\"\n":1}"#)
     }
 
-    func testInvalidUTF8StringsAreRejectedWithPath() {
+    func testInvalidUTF8EncodeNamesPath() {
         XCTAssertEqual(encode(#"{ name = 'ab\xff' }"#).error,
                        "cannot encode string at $.name: invalid UTF-8 at byte 2 of the string")
         XCTAssertEqual(encode(#"{ 'ok', '\xc0\xaf' }"#).error,

@@ -140,4 +140,24 @@ final class SandboxTests: XCTestCase {
         let effects = try runHandler("print('hello', 42)").effects
         XCTAssertEqual(effects, [.log(level: .info, message: "hello\t42", fields: [])])
     }
+
+    func testContextIsReadOnlyAcrossEvents() throws {
+        let instance = try makeInstance(handlerProjection("""
+            assert(ctx.headers.injected == nil, "a write leaked from an earlier event")
+            local ok, err = pcall(function() ctx.headers.injected = "x" end)
+            assert(not ok and err:find("ctx.headers is read%-only"), tostring(err))
+            ok, err = pcall(function() ctx.mine = 1 end)
+            assert(not ok and err:find("ctx is read%-only"), tostring(err))
+            ok, err = pcall(function() ctx.state.get = nil end)
+            assert(not ok and err:find("ctx.state is read%-only"), tostring(err))
+            """))
+        let store = InMemoryStateStore()
+        XCTAssertNotNil(instance.handle(message("{}"), store: store, nowMs: 0).effects)
+        XCTAssertNotNil(instance.handle(message("{}"), store: store, nowMs: 0).effects)
+    }
+
+    func testTableErrorObjectIsNamedByType() throws {
+        let failure = try XCTUnwrap(try runHandler("error({ code = 1 })").failure)
+        XCTAssertEqual(failure.message, "(error object is a table value)")
+    }
 }

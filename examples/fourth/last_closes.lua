@@ -1,6 +1,6 @@
 -- Keeps the last closes of each (tenant, instrument, timeframe) and serves them, newest first.
 --
--- Keyed state holds the kept closes, so the handler never reads Redis. Every change rewrites
+-- Keyed state contains the kept closes, so the handler never reads Redis. Every change rewrites
 -- one Redis string with the whole list as JSON, which the query reads back. A bar with the
 -- end_ms of a kept close replaces it (a correction or a replay). A bar older than every kept
 -- close, when the list is full, changes nothing.
@@ -34,7 +34,7 @@ end
 -- The Redis key of one series. The {tenant_id} hash tag keeps a tenant's keys in one
 -- Redis Cluster slot.
 -- NOTE: tenant ids are assumed to contain no ':', '{' or '}' (docs/events.md). This file does
--- not check it; fields.tenant_id in projections/lib does.
+-- not check it, but fields.tenant_id in projections/lib does.
 local function redis_key(tenant_id, instrument_id, timeframe)
   return "lc:{" .. tenant_id .. "}:" .. instrument_id .. ":" .. timeframe
 end

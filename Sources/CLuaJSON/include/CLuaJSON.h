@@ -26,17 +26,21 @@ enum {
 // Decodes `length` bytes and pushes one Lua value. Runs in protected mode, so a Lua memory
 // error is reported instead of unwinding. Returns 1 on success; on failure pushes nothing,
 // returns 0 and writes a message with the byte offset into `error` (NUL-terminated).
+// Offsets count from 0. Rules and messages: docs/json.md.
 int cljson_decode(lua_State *L, const char *bytes, size_t length, const cljson_limits *limits,
                   char *error, size_t error_capacity);
 
-// Encodes the value at stack index `index` and appends it to `out`. Returns 1 on success; on
-// failure returns 0 with a message naming the path of the bad value (for example `$.rows[3].px`).
+// Encodes the value at stack index `index` and appends it to `out`. Returns 1 on success. On
+// failure returns 0, leaves `out->length` as it was and writes a message naming the path of the
+// bad value, for example `$.rows[3].px` (array indexes are Lua's, from 1). Never raises a Lua
+// error and leaves the stack as it was. A max_depth of 0 means 64.
 int cljson_encode(lua_State *L, int index, cljson_buffer *out, int flags, size_t max_depth,
                   char *error, size_t error_capacity);
 
 void cljson_buffer_free(cljson_buffer *buffer);
 
-// Pushes the `json` library table: decode, encode, null, array, object, is_array.
+// Pushes the `json` library table: decode, encode, null, array, object, is_array. It may raise a
+// Lua memory error, so call it through luaL_requiref or lua_pcall, or before a memory cap applies.
 int cljson_open(lua_State *L);
 
 // Pushes the null sentinel (the value that `json.null` holds).
