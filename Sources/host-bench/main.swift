@@ -92,8 +92,10 @@ print("JSON decode only".padding(toLength: 38, withPad: " ", startingAt: 0)
       + String(format: " %9.3f %10.0f %15@ %14@", decoder.perEvent, 1e6 / decoder.perEvent, "-", "-"))
 print(String(format: "  decoder throughput: %.1f MB/s", decoder.megabytesPerSecond))
 
-for (label, names) in [("latest_price", Set(["latest_price"])),
-                       ("latest_price + bar_rollups", Set(["latest_price", "bar_rollups"]))] {
+let cases = [("latest_price", Set(["latest_price"])),
+             ("latest_price + bar_rollups", Set(["latest_price", "bar_rollups"]))]
+let only = ProcessInfo.processInfo.environment["BENCH_ONLY"]
+for (label, names) in cases where only == nil || only == label {
     let result = try measureProjections(names, input: input)
     print(label.padding(toLength: 38, withPad: " ", startingAt: 0) + String(format: " %9.3f %10.0f %15.2f %14.2f", result.perEvent,
                  1e6 / result.perEvent, Double(result.effects) / Double(events),
