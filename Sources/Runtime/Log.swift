@@ -10,6 +10,8 @@ public enum LogValue: Sendable, ExpressibleByStringLiteral, ExpressibleByInteger
     case integer(Int64)
     case number(Double)
     case boolean(Bool)
+    /// JSON that is already encoded (a projection's log fields), written as it is.
+    case json([UInt8])
 
     public init(stringLiteral value: String) { self = .string(value) }
     public init(integerLiteral value: Int64) { self = .integer(value) }
@@ -23,6 +25,7 @@ public enum LogValue: Sendable, ExpressibleByStringLiteral, ExpressibleByInteger
         case .integer(let value): writer.integer(value)
         case .number(let value): writer.number(value)
         case .boolean(let value): writer.boolean(value)
+        case .json(let value): value.isEmpty ? writer.null() : writer.raw(value)
         }
     }
 }

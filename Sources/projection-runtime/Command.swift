@@ -1,5 +1,6 @@
 import Foundation
 import HostAPI
+import Runtime
 
 let runtimeVersion = "0.1.0"
 
@@ -12,16 +13,33 @@ let mainHelp = """
     projection-runtime \(runtimeVersion): hosts market-data projections written in Lua.
 
     Usage:
+      projection-runtime run [--config FILE] [options]
+      projection-runtime dev-broker --topic NAME:PARTITIONS ...
       projection-runtime check [--projections DIR]
       projection-runtime test PATH --events FILE.jsonl [--topic TOPIC]
       projection-runtime --help | --version
 
     Commands:
-      check   Compile every projection of DIR and run its init; list every error with file:line.
-      test    Run events through one projection file or a folder offline and print the effects.
+      run         Consume Kafka, write Redis and ClickHouse, serve the health port and the API.
+      dev-broker  Run librdkafka's mock Kafka cluster on 127.0.0.1 for local work and tests.
+      check       Compile every projection of DIR and run its init; list every error with file:line.
+      test        Run events through one projection file or a folder offline and print the effects.
 
     Run 'projection-runtime COMMAND --help' for a command's options.
     """
+
+var runHelp: String {
+    """
+    Usage: projection-runtime run [--config FILE] [options]
+
+    Consumes the projections' Kafka topics, applies their effects to Redis and ClickHouse,
+    serves /health, /ready and /metrics on the health port and the query API on the API port.
+    SIGHUP reloads the projections; SIGTERM and SIGINT stop gracefully (flush, commit, leave).
+
+    Settings come from defaults < the YAML file < DATA_PROC_* environment variables < flags.
+
+    """ + RuntimeConfig.helpText()
+}
 
 let checkHelp = """
     Usage: projection-runtime check [--projections DIR]
@@ -58,6 +76,8 @@ let testHelp = """
 enum Command {
     case help(String)
     case version
+    case run(configFile: String?, flags: [String: String])
+    case devBroker(arguments: [String])
     case check(projections: String)
     case test(path: String, events: String, topic: String?)
 
@@ -69,6 +89,19 @@ enum Command {
             return .help(mainHelp)
         case "--version":
             return .version
+        case "run":
+            if options.flag("--help") { return .help(runHelp) }
+            let configFile = try options.value("--config")
+            var flags: [String: String] = [:]
+            for flag in RuntimeConfig.flagNames {
+                if let value = try options.value(flag) {
+                    flags[flag] = value
+                }
+            }
+            try options.finish()
+            return .run(configFile: configFile, flags: flags)
+        case "dev-broker":
+            return .devBroker(arguments: Array(arguments.dropFirst()))
         case "check":
             if options.flag("--help") { return .help(checkHelp) }
             let folder = try options.value("--projections")
@@ -99,6 +132,10 @@ enum Command {
         case .version:
             print("projection-runtime \(runtimeVersion)")
             return 0
+        case .run(let configFile, let flags):
+            return RunCommand(configFile: configFile, flags: flags).run()
+        case .devBroker(let arguments):
+            return DevBroker.runCommand(arguments: arguments)
         case .check(let folder):
             return CheckCommand(folder: folder).run()
         case .test(let path, let events, let topic):

@@ -1,5 +1,6 @@
 import Foundation
 import HostAPI
+import Runtime
 
 /// `check`: loads a folder once and lists every error with file:line.
 struct CheckCommand {
@@ -89,5 +90,24 @@ struct TestCommand {
         } catch {
             throw UsageError(message: "test: \(error)")
         }
+    }
+}
+
+/// `run`: loads the configuration and runs the service until SIGTERM or SIGINT.
+struct RunCommand {
+    var configFile: String?
+    var flags: [String: String]
+
+    func run() -> Int32 {
+        let config: RuntimeConfig
+        do {
+            config = try RuntimeConfig.load(environment: ProcessInfo.processInfo.environment,
+                                            configFile: configFile, flags: flags)
+        } catch {
+            printError("projection-runtime: \(error)")
+            return 2
+        }
+        Log.shared.level = config.logLevel
+        return RuntimeService(config: config).run()
     }
 }

@@ -1,0 +1,125 @@
+import HostAPI
+
+/// The health port (`DATA_PROC_PROJECTION_PORT`): `/health` for liveness, `/ready` for
+/// readiness and `/metrics` for Prometheus.
+final class HealthService: Sendable {
+    private let registry: ProjectionRegistry
+    private let control: RuntimeControl
+    private let metrics: RuntimeMetrics
+
+    init(registry: ProjectionRegistry, control: RuntimeControl, metrics: RuntimeMetrics) {
+        self.registry = registry
+        self.control = control
+        self.metrics = metrics
+    }
+
+    /// Called on libmicrohttpd's worker threads.
+    func handle(_ request: HTTPRequest) -> HTTPResponse {
+        guard request.method == "GET" || request.method == "HEAD" else {
+            return .json(405, Array(#"{"error":"only GET and HEAD are allowed on the health port"}"#.utf8))
+        }
+        switch request.path {
+        case "/health", "/healthz", "/livez":
+            return health()
+        case "/ready", "/readyz":
+            return ready()
+        case "/metrics":
+            var response = HTTPResponse.text(200, metrics.render())
+            response.contentType = "text/plain; version=0.0.4; charset=utf-8"
+            return response
+        default:
+            return .json(404, Array(#"{"error":"no such endpoint (try /health, /ready or /metrics)"}"#.utf8))
+        }
+    }
+
+    /// Why the runtime is not ready; empty when it is.
+    func notReadyReasons() -> [String] {
+        let health = control.snapshot
+        var reasons: [String] = []
+        if !health.consumerJoined {
+            reasons.append("the Kafka consumer has not joined its group yet" + (health.kafkaError.map { ": \($0)" } ?? ""))
+        }
+        if !health.redisReachable {
+            reasons.append("Redis is not reachable" + (health.redisError.map { ": \($0)" } ?? ""))
+        }
+        if registry.current.projections.isEmpty {
+            reasons.append("no projection is loaded")
+        }
+        if health.workerStopped {
+            reasons.append("the worker has stopped")
+        }
+        return reasons
+    }
+
+    private func ready() -> HTTPResponse {
+        let reasons = notReadyReasons()
+        var writer = JSONWriter()
+        writer.beginObject()
+        writer.field("ready", first: true)
+        writer.boolean(reasons.isEmpty)
+        writer.field("reasons")
+        writer.array(reasons) { reason, writer in writer.string(reason) }
+        writer.endObject()
+        return .json(reasons.isEmpty ? 200 : 503, writer.bytes)
+    }
+
+    /// Liveness stays 200 while the process works, even when a dependency is down, so that
+    /// Kubernetes restarts the pod only when a restart can help.
+    private func health() -> HTTPResponse {
+        let health = control.snapshot
+        let failures = registry.unloadedFailures + registry.statuses.compactMap(\.lastError)
+        var writer = JSONWriter()
+        writer.beginObject()
+        writer.field("status", first: true)
+        writer.string(health.workerStopped ? "stopped" : (notReadyReasons().isEmpty && failures.isEmpty ? "ok" : "degraded"))
+        writer.field("components")
+        writer.beginObject()
+        component("kafka", ok: health.consumerJoined, state: health.consumerJoined ? "joined" : "joining",
+                  error: health.kafkaError, first: true, into: &writer) { writer in
+            writer.field("assigned_partitions")
+            writer.integer(health.assignedPartitions)
+        }
+        component("redis", ok: health.redisReachable, state: health.redisReachable ? "reachable" : "unreachable",
+                  error: health.redisError, into: &writer)
+        component("clickhouse", ok: health.clickhouseReachable,
+                  state: health.clickhouseReachable ? "reachable" : "unreachable", error: health.clickhouseError,
+                  into: &writer)
+        writer.field("projections")
+        writer.beginObject()
+        writer.field("status", first: true)
+        writer.string(failures.isEmpty ? "ok" : "error")
+        writer.field("generation")
+        writer.integer(registry.generation)
+        writer.field("loaded")
+        writer.array(registry.statuses) { status, writer in
+            writer.beginObject()
+            writer.field("name", first: true)
+            writer.string(status.name)
+            writer.field("version")
+            writer.string(String(status.version.prefix(12)))
+            writer.endObject()
+        }
+        writer.field("errors")
+        writer.array(failures) { failure, writer in writeFailure(failure, to: &writer) }
+        writer.endObject()
+        writer.endObject()
+        writer.endObject()
+        return .json(health.workerStopped ? 503 : 200, writer.bytes)
+    }
+
+    private func component(_ name: String, ok: Bool, state: String, error: String?, first: Bool = false,
+                           into writer: inout JSONWriter, extra: (inout JSONWriter) -> Void = { _ in }) {
+        writer.field(name, first: first)
+        writer.beginObject()
+        writer.field("status", first: true)
+        writer.string(ok ? "ok" : "error")
+        writer.field("state")
+        writer.string(state)
+        if let error {
+            writer.field("error")
+            writer.string(error)
+        }
+        extra(&writer)
+        writer.endObject()
+    }
+}
