@@ -102,19 +102,27 @@ all_handled() { [ "$(handled)" = "$bars" ]; }
 wait_for "the sample bars to be handled" 30 all_handled
 sleep 1.5  # one ClickHouse flush interval, so the rollup rows are in
 
+# show DESCRIPTION COMMAND: prints what the command shows, the command, and its real output.
 show() {
-  printf '\n$ %s\n' "$1"
-  eval "$1"
+  printf '\n# %s\n$ %s\n' "$1" "$2"
+  eval "$2"
   printf '\n'
 }
-show "curl -s 'http://127.0.0.1:$api_port/projections/latest_price?tenant_id=acme&instrument_id=ETH-USD'"
-show "curl -s 'http://127.0.0.1:$api_port/projections/latest_price?tenant_id=acme&instrument_id=BTC-USD'"
-show "curl -s 'http://127.0.0.1:$api_port/projections/latest_price?tenant_id=globex&instrument_id=SOL-USD'"
-show "curl -s 'http://127.0.0.1:$api_port/projections/bar_rollups/bars?tenant_id=acme&instrument_id=BTC-USD&timeframe=15m'"
-show "curl -s 'http://127.0.0.1:$api_port/projections'"
-show "curl -s 'http://127.0.0.1:$health_port/ready'"
-show "curl -s 'http://127.0.0.1:$health_port/metrics' | grep '^projection_events_total'"
-show "curl -s 'http://127.0.0.1:$clickhouse_http_port/' --data-binary 'SELECT timeframe, count() FROM bar_rollups FINAL GROUP BY timeframe ORDER BY timeframe'"
+show "the latest price of acme BTC-USD: its last bar ends after acme's tenant-wide invalidation" \
+  "curl -s 'http://127.0.0.1:$api_port/projections/latest_price?tenant_id=acme&instrument_id=BTC-USD'"
+show "404: acme's tenant-wide invalidation (issued_ms 1709547000000) removed ETH-USD's older price" \
+  "curl -s 'http://127.0.0.1:$api_port/projections/latest_price?tenant_id=acme&instrument_id=ETH-USD'"
+show "404: an instrument invalidation removed globex SOL-USD" \
+  "curl -s 'http://127.0.0.1:$api_port/projections/latest_price?tenant_id=globex&instrument_id=SOL-USD'"
+show "15-minute rollups of acme BTC-USD, newest first" \
+  "curl -s 'http://127.0.0.1:$api_port/projections/bar_rollups/bars?tenant_id=acme&instrument_id=BTC-USD&timeframe=15m'"
+show "every loaded projection with its version, status and counters" \
+  "curl -s 'http://127.0.0.1:$api_port/projections'"
+show "readiness" "curl -s 'http://127.0.0.1:$health_port/ready'"
+show "events by projection and result" \
+  "curl -s 'http://127.0.0.1:$health_port/metrics' | grep '^projection_events_total'"
+show "rollup rows in ClickHouse (FINAL merges rewritten buckets)" \
+  "curl -s 'http://127.0.0.1:$clickhouse_http_port/' --data-binary 'SELECT timeframe, count() FROM bar_rollups FINAL GROUP BY timeframe ORDER BY timeframe'"
 printf '%s\n' "Publish more with: kcat -b $bootstrap -t aggregation.bars.v1 -P -K '|'"
 printf '%s\n' "Reload projections with: kill -HUP ${pids[3]}   (or curl -X POST http://127.0.0.1:$api_port/admin/reload)"
 

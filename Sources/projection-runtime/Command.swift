@@ -15,14 +15,15 @@ let mainHelp = """
     Usage:
       projection-runtime run [--config FILE] [options]
       projection-runtime dev-broker --topic NAME:PARTITIONS ...
-      projection-runtime check [--projections DIR]
+      projection-runtime check [--config FILE] [--projections DIR]
       projection-runtime test PATH --events FILE.jsonl [--topic TOPIC]
       projection-runtime --help | --version
 
     Commands:
       run         Consume Kafka, write Redis and ClickHouse, serve the health port and the API.
       dev-broker  Run librdkafka's mock Kafka cluster on 127.0.0.1 for local work and tests.
-      check       Compile every projection of DIR and run its init; list every error with file:line.
+      check       Validate the configuration, compile every projection and run its init;
+                  list every error with file:line.
       test        Run events through one projection file or a folder offline and print the effects.
 
     Run 'projection-runtime COMMAND --help' for a command's options.
@@ -42,14 +43,18 @@ var runHelp: String {
 }
 
 let checkHelp = """
-    Usage: projection-runtime check [--projections DIR]
+    Usage: projection-runtime check [--config FILE] [--projections DIR]
 
-    Compiles every projection file of DIR (default: projections, or DATA_PROC_PROJECTIONS_DIR),
-    checks the table each returns, and runs its init. Prints one line per projection and one per
-    error with file:line. Exits 0 when every file loaded, 1 otherwise.
+    Validates the configuration the way `run` reads it (defaults < FILE < DATA_PROC_* variables
+    < --projections), then compiles every projection file of the projections folder, checks the
+    table each returns, and runs its init. Prints one line per projection and one per error with
+    file:line. Exits 0 when the configuration is valid and every file loaded, 1 otherwise.
+    Nothing connects to Kafka, Redis or ClickHouse: init's ClickHouse statements are only listed.
 
     Options:
-      --projections DIR   the projections folder; library modules are in DIR/lib
+      --config FILE       the YAML configuration file to validate
+      --projections DIR   the projections folder (default: projections, or
+                          DATA_PROC_PROJECTIONS_DIR); library modules are in DIR/lib
       --help              show this help
     """
 
@@ -78,7 +83,7 @@ enum Command {
     case version
     case run(configFile: String?, flags: [String: String])
     case devBroker(arguments: [String])
-    case check(projections: String)
+    case check(configFile: String?, flags: [String: String])
     case test(path: String, events: String, topic: String?)
 
     static func parse(_ arguments: [String]) throws(UsageError) -> Command {
@@ -104,10 +109,13 @@ enum Command {
             return .devBroker(arguments: Array(arguments.dropFirst()))
         case "check":
             if options.flag("--help") { return .help(checkHelp) }
-            let folder = try options.value("--projections")
-                ?? ProcessInfo.processInfo.environment["DATA_PROC_PROJECTIONS_DIR"] ?? "projections"
+            let configFile = try options.value("--config")
+            var flags: [String: String] = [:]
+            if let folder = try options.value("--projections") {
+                flags["--projections"] = folder
+            }
             try options.finish()
-            return .check(projections: folder)
+            return .check(configFile: configFile, flags: flags)
         case "test":
             if options.flag("--help") { return .help(testHelp) }
             guard let events = try options.value("--events") else {
@@ -136,8 +144,8 @@ enum Command {
             return RunCommand(configFile: configFile, flags: flags).run()
         case .devBroker(let arguments):
             return DevBroker.runCommand(arguments: arguments)
-        case .check(let folder):
-            return CheckCommand(folder: folder).run()
+        case .check(let configFile, let flags):
+            return CheckCommand(configFile: configFile, flags: flags).run()
         case .test(let path, let events, let topic):
             return try TestCommand(path: path, eventsFile: events, topic: topic).run()
         }

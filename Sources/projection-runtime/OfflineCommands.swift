@@ -2,12 +2,24 @@ import Foundation
 import HostAPI
 import Runtime
 
-/// `check`: loads a folder once and lists every error with file:line.
+/// `check`: validates the configuration, loads the projections once and lists every error
+/// with file:line.
 struct CheckCommand {
-    var folder: String
+    var configFile: String?
+    var flags: [String: String]
 
     func run() -> Int32 {
-        let loader = ProjectionLoader(folder: folder)
+        let config: RuntimeConfig
+        do {
+            config = try RuntimeConfig.load(environment: ProcessInfo.processInfo.environment,
+                                            configFile: configFile, flags: flags)
+        } catch {
+            print("error  configuration: \(error)")
+            return 1
+        }
+        print("ok     configuration" + (configFile.map { " \($0)" } ?? " (defaults and environment)"))
+        let folder = config.projections.directory
+        let loader = ProjectionLoader(folder: folder, settings: config.hostSettings)
         let report: ReloadReport
         let set: ProjectionSet
         do {
