@@ -127,21 +127,37 @@ public final class RuntimeService: Sendable {
     }
 
     /// Executes `init` statements; the first failure names the projection and the statement.
+    /// While ClickHouse is unreachable, each statement is retried for up to 15 s, so that a
+    /// ClickHouse that starts a little after the runtime does not fail the load.
     private static func runStatements(_ effects: [Effect], of definition: ProjectionDefinition,
                                       on clickhouse: ClickHouseClient) -> ProjectionFailure? {
         for case .clickhouseStatement(let sql) in effects {
-            do {
-                try clickhouse.execute(sql)
-            } catch {
+            if let error = execute(sql, on: clickhouse, retryingForSeconds: 15) {
                 return ProjectionFailure(phase: .initialize, projection: definition.name, file: definition.code.file,
                                          message: "ClickHouse rejected a statement from init: \(error)")
             }
         }
         for case .log(let level, let message, let fields) in effects {
-            Log.shared.write(level, message, ["projection": .string(definition.name),
-                                              "fields": .json(fields)])
+            Log.shared.write(level, message, ["projection": .string(definition.name), "fields": .json(fields)])
         }
         return nil
+    }
+
+    private static func execute(_ sql: String, on clickhouse: ClickHouseClient,
+                                retryingForSeconds seconds: Double) -> ClickHouseError? {
+        let deadline = Date().timeIntervalSince1970 + seconds
+        var backoff = Backoff()
+        while true {
+            do {
+                try clickhouse.execute(sql)
+                return nil
+            } catch {
+                guard error.isRetryable, Date().timeIntervalSince1970 < deadline else { return error }
+                Log.shared.warn("ClickHouse is unreachable; retrying an init statement",
+                                ["error": .string("\(error)"), "retry_in_ms": .int(backoff.nextDelayMs)])
+                backoff.sleep()
+            }
+        }
     }
 
     private func logReport(_ report: ReloadReport, trigger: String) {

@@ -88,6 +88,9 @@ enum Command {
 
     static func parse(_ arguments: [String]) throws(UsageError) -> Command {
         guard let first = arguments.first else { return .help(mainHelp) }
+        if arguments.contains("--version") {
+            return .version
+        }
         var options = OptionReader(Array(arguments.dropFirst()))
         switch first {
         case "--help", "-h", "help":
