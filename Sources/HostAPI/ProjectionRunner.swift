@@ -64,6 +64,11 @@ public final class ProjectionRunner {
 
     public var subscribedTopics: [String] { byTopic.keys.sorted() }
 
+    /// Names of the projections that consume `topic`, in the order they handle its events.
+    public func projections(subscribedTo topic: String) -> [String] {
+        byTopic[topic]?.map(\.name) ?? []
+    }
+
     /// Hands `message` to every projection subscribed to its topic, in name order. A failure of
     /// one projection does not stop the others.
     public func handle(_ message: EventMessage, store: KeyedStateStore, nowMs: Int64) -> [Result] {

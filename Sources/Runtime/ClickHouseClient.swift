@@ -1,4 +1,6 @@
 import CCurl
+import Foundation
+import HostAPI
 
 /// Connection and batching settings for ClickHouse's HTTP interface.
 public struct ClickHouseSettings: Sendable, Equatable, CustomStringConvertible {
@@ -69,7 +71,8 @@ public struct ClickHouseError: Error, Sendable, CustomStringConvertible {
         /// The server returned an error status, or an exception after a 200 status, because the
         /// statement, the data or the credentials are wrong. The same request fails again.
         case rejected
-        /// The client did not send the request because an argument is invalid.
+        /// The client did not send the request because an argument is invalid, or because the
+        /// table declares its source columns in a way the client cannot fill.
         case invalidRequest
     }
 
@@ -122,6 +125,12 @@ public final class ClickHouseClient {
     private let response = ResponseCollector()
     private let baseURL: String
 
+    /// Source columns of each table inserted into, keyed by the table name as the caller
+    /// spelled it. Filled by DESCRIBE TABLE and emptied by `forgetSchemas()`.
+    private var sourceColumnsByTable: [String: SourceColumns] = [:]
+    /// Count of DESCRIBE TABLE requests sent so far.
+    private(set) var columnLookups = 0
+
     /// libcurl wants curl_global_init before the first handle. A static is initialized once,
     /// thread-safely, on first use.
     private static let curlGlobalInitResult = curl_global_init(Int(CURL_GLOBAL_DEFAULT))
@@ -162,36 +171,73 @@ public final class ClickHouseClient {
         _ = try send(url: url, body: Array(sql.utf8), target: target)
     }
 
+    /// Inserts rows, each already one JSON object, that have no source. It is
+    /// `insert(table:rows:sources:)` with a nil source for every row.
+    @discardableResult
+    public func insert(table: String, rows: [[UInt8]]) throws(ClickHouseError) -> Duration {
+        try insert(table: table, rows: rows, sources: Array(repeating: nil, count: rows.count))
+    }
+
     /// Inserts rows, each already one JSON object, with `INSERT INTO <table> FORMAT JSONEachRow`
-    /// and returns how long the request took. An empty `rows` sends nothing.
+    /// and fills the table's source columns from `sources`, which has one entry per row. Returns
+    /// how long the requests took, the column lookup included. An empty `rows` sends nothing.
+    ///
+    /// The first insert into a table looks up its columns with `DESCRIBE TABLE`, and the client
+    /// keeps them until `forgetSchemas()`. A table that declares `_source_topic`,
+    /// `_source_partition`, `_source_offset` and `_source_index` gets those four keys written
+    /// after each row's opening brace. A row without a source must then contain all four keys
+    /// itself. A table with none of the four columns gets the rows unchanged.
+    ///
+    /// Before sending anything, the client throws `invalidRequest` in four cases. The table
+    /// declares only some source columns, or one with an unsupported type. A row with a source
+    /// already contains a key starting with `_source_`. A row without a source lacks one of
+    /// the four keys. A source value does not fit its column type.
     ///
     /// A column that the table lacks fails the insert, because the request sets
-    /// `input_format_skip_unknown_fields` to 0 over any value in the user's profile.
+    /// `input_format_skip_unknown_fields` to 0 over any value in the user's profile. That
+    /// error also drops the table's cached columns. If the source columns were written and the
+    /// table no longer has them, the client inserts once more without them.
     /// ClickHouse 18.16 parses and writes the body in blocks of `max_insert_block_size` rows
     /// (1,048,576 by default), so a bad row makes a smaller insert write nothing.
     /// NOTE: after an `unreachable` error the server may still have stored the rows, so a retry
-    /// can write them twice unless the table deduplicates (ReplacingMergeTree).
+    /// writes them twice. Only a ReplacingMergeTree keyed by the source columns, or by a
+    /// natural key with a version, turns the second copy into a replacement.
     @discardableResult
-    public func insert(table: String, rows: [[UInt8]]) throws(ClickHouseError) -> Duration {
+    public func insert(table: String, rows: [[UInt8]], sources: [RowSource?])
+        throws(ClickHouseError) -> Duration
+    {
         let target = "insert into \(table)"
         try Self.requireTableName(table, target: target)
         if rows.isEmpty { return .zero }
-
-        var body: [UInt8] = []
-        body.reserveCapacity(rows.reduce(rows.count) { $0 + $1.count })
-        for row in rows {
-            body.append(contentsOf: row)
-            body.append(UInt8(ascii: "\n"))
+        if sources.count != rows.count {
+            throw ClickHouseError(
+                kind: .invalidRequest, target: target, status: nil, exceptionCode: nil,
+                message: "got \(rows.count) rows but \(sources.count) sources: expected one "
+                    + "source, or nil, per row")
         }
-        let url = queryURL([
-            ("query", "INSERT INTO \(table) FORMAT JSONEachRow"),
-            ("input_format_skip_unknown_fields", "0"),
-        ])
 
         let clock = ContinuousClock()
         let started = clock.now
-        _ = try send(url: url, body: body, target: target)
+        let columns = try sourceColumns(of: table, target: target)
+        let body = try Self.insertBody(
+            rows: rows, sources: sources, columns: columns, target: target)
+        do throws(ClickHouseError) {
+            try sendInsert(table: table, body: body, target: target)
+        } catch {
+            try retryAfterUnknownColumn(
+                error, table: table, rows: rows, sources: sources, writtenWith: columns)
+        }
         return clock.now - started
+    }
+
+    /// Drops every table's cached columns, so that the next insert into each table runs
+    /// `DESCRIBE TABLE` again. Call it after DDL that may add or remove source columns, such as
+    /// a projection reload that runs new `CREATE TABLE` statements.
+    /// NOTE: an `ALTER TABLE` made elsewhere is not noticed until this call, unless it removes
+    /// columns that the client writes. Until then, rows inserted into a table that gained
+    /// source columns get the type defaults, an empty topic and zeros, in those columns.
+    public func forgetSchemas() {
+        sourceColumnsByTable.removeAll()
     }
 
     /// Runs a query and returns its output split into lines: one JSON object per row unless
@@ -332,6 +378,456 @@ extension ClickHouseClient {
             url += "&" + name + "=" + URLQuery.encode(value)
         }
         return url
+    }
+}
+
+// MARK: - Source columns
+
+extension ClickHouseClient {
+    private func sendInsert(table: String, body: [UInt8], target: String)
+        throws(ClickHouseError)
+    {
+        let url = queryURL([
+            ("query", "INSERT INTO \(table) FORMAT JSONEachRow"),
+            ("input_format_skip_unknown_fields", "0"),
+        ])
+        _ = try send(url: url, body: body, target: target)
+    }
+
+    /// Handles a failed insert. An unknown-column error drops the table's cached columns, and
+    /// when the source columns that were written no longer exist, the rows go in once more
+    /// without them. Every other case rethrows `error`.
+    private func retryAfterUnknownColumn(
+        _ error: ClickHouseError, table: String, rows: [[UInt8]], sources: [RowSource?],
+        writtenWith columns: SourceColumns
+    ) throws(ClickHouseError) {
+        guard error.isUnknownColumn else { throw error }
+        sourceColumnsByTable[table] = nil
+        guard columns != .absent else { throw error }
+
+        // Retrying is safe only when the table has lost its source columns. Then the unknown
+        // key was the first key of the first row, so ClickHouse rejected the first block and
+        // wrote nothing.
+        let refreshed = try sourceColumns(of: table, target: error.target)
+        guard refreshed == .absent else { throw error }
+        Log.shared.info("ClickHouse table lost its source columns; inserting the rows again", [
+            "clickhouse.table": .string(table), "rows": .int(rows.count),
+            "error": .string(error.description),
+        ])
+        let body = try Self.insertBody(
+            rows: rows, sources: sources, columns: refreshed, target: error.target)
+        try sendInsert(table: table, body: body, target: error.target)
+    }
+
+    /// Returns the table's source columns from the cache, or from `DESCRIBE TABLE` on a miss.
+    /// A failed lookup is reported with the insert's target, since the insert did not happen.
+    private func sourceColumns(of table: String, target: String) throws(ClickHouseError)
+        -> SourceColumns
+    {
+        if let cached = sourceColumnsByTable[table] {
+            return cached
+        }
+        columnLookups += 1
+        let lines: [[UInt8]]
+        do throws(ClickHouseError) {
+            lines = try select("DESCRIBE TABLE \(table)")
+        } catch {
+            throw ClickHouseError(
+                kind: error.kind, target: target, status: error.status,
+                exceptionCode: error.exceptionCode, message: error.message)
+        }
+        let columns = try SourceColumns(describeOutput: lines, table: table, target: target)
+        sourceColumnsByTable[table] = columns
+        return columns
+    }
+
+    /// Joins the rows into a JSONEachRow body. When the table has source columns, each row
+    /// with a source gets the source keys, and each row without one is checked for them.
+    static func insertBody(
+        rows: [[UInt8]], sources: [RowSource?], columns: SourceColumns, target: String
+    ) throws(ClickHouseError) -> [UInt8] {
+        // Each row adds its newline and, with source columns, about 110 bytes of source keys
+        // for a topic name of 20 characters.
+        let addedBytesPerRow = columns == .absent ? 1 : 111
+        var body: [UInt8] = []
+        body.reserveCapacity(rows.reduce(rows.count * addedBytesPerRow) { $0 + $1.count })
+
+        for (position, row) in rows.enumerated() {
+            let source = sources[position]
+            do throws(SourceRowError) {
+                switch (columns, source) {
+                case (.absent, _):
+                    body.append(contentsOf: row)
+                case (.present(let types), let source?):
+                    try SourceColumns.appendRow(row, source: source, types: types, to: &body)
+                case (.present, nil):
+                    try SourceColumns.requireSourceKeys(row)
+                    body.append(contentsOf: row)
+                }
+            } catch {
+                let origin = source.map { "\($0)" } ?? "no source"
+                throw ClickHouseError(
+                    kind: .invalidRequest, target: target, status: nil, exceptionCode: nil,
+                    message: "row \(position + 1) of \(rows.count) (\(origin)) \(error.reason)")
+            }
+            body.append(UInt8(ascii: "\n"))
+        }
+        return body
+    }
+}
+
+/// The reason one row cannot be inserted, worded to follow "row N of M (source)" in the
+/// message of the `ClickHouseError` that reports it.
+struct SourceRowError: Error {
+    let reason: String
+}
+
+extension ClickHouseError {
+    /// Whether the server rejected a JSONEachRow insert because a row names a column that the
+    /// table lacks. ClickHouse 18.16 reports that as code 117 (INCORRECT_DATA) with the text
+    /// "Unknown field found while parsing JSONEachRow format".
+    var isUnknownColumn: Bool {
+        kind == .rejected && exceptionCode == 117 && message.contains("Unknown field")
+    }
+}
+
+extension ClickHouseClient {
+    /// An integer type that a source column may have, with the values it holds. Narrower
+    /// types are not accepted because Kafka partitions and offsets can outgrow them.
+    enum SourceIntegerType: String, Sendable {
+        case int32 = "Int32"
+        case int64 = "Int64"
+        case uint32 = "UInt32"
+        case uint64 = "UInt64"
+
+        func contains(_ value: Int64) -> Bool {
+            switch self {
+            case .int32: return Int64(Int32.min) <= value && value <= Int64(Int32.max)
+            case .int64: return true
+            case .uint32: return 0 <= value && value <= Int64(UInt32.max)
+            case .uint64: return value >= 0
+            }
+        }
+    }
+
+    /// The integer types of a table's `_source_partition`, `_source_offset` and
+    /// `_source_index` columns.
+    struct SourceColumnTypes: Sendable, Equatable {
+        var partition: SourceIntegerType
+        var offset: SourceIntegerType
+        var index: SourceIntegerType
+    }
+
+    /// The source columns that a table declares, and the rules for rows that go into it.
+    enum SourceColumns: Sendable, Equatable {
+        /// The table has none of the four columns, so rows go in unchanged.
+        case absent
+        /// The table has all four, and their integer types bound the values written.
+        case present(SourceColumnTypes)
+
+        static let topic = "_source_topic"
+        static let partition = "_source_partition"
+        static let offset = "_source_offset"
+        static let index = "_source_index"
+        static let names = [topic, partition, offset, index]
+        /// Key prefix that a row with a source must not use, so that no row key collides with
+        /// a source column, now or after one is added.
+        static let reservedPrefix = "_source_"
+
+        static let topicTypes = ["String", "LowCardinality(String)"]
+        static let partitionTypes: [SourceIntegerType] = [.int32, .int64, .uint32, .uint64]
+        static let offsetTypes: [SourceIntegerType] = [.int64, .uint64]
+        static let indexTypes: [SourceIntegerType] = [.int32, .int64, .uint32, .uint64]
+
+        /// The declaration that error messages suggest.
+        static let expectedDeclaration = "_source_topic String, _source_partition Int32, "
+            + "_source_offset Int64, _source_index UInt32"
+    }
+}
+
+// MARK: - Reading DESCRIBE TABLE
+
+extension ClickHouseClient.SourceColumns {
+    /// One row of `DESCRIBE TABLE ... FORMAT JSONEachRow`. ClickHouse 18.16 also sends
+    /// `default_expression` and `comment_expression`, which are not needed here.
+    private struct DescribedColumn: Decodable {
+        var name: String
+        var type: String
+        /// Empty, `DEFAULT`, `MATERIALIZED` or `ALIAS`.
+        var defaultKind: String
+
+        enum CodingKeys: String, CodingKey {
+            case name
+            case type
+            case defaultKind = "default_type"
+        }
+    }
+
+    /// Reads the source columns from DESCRIBE TABLE's output, one JSON object per line.
+    /// Throws `invalidRequest` when the table declares only some of the four columns, or one
+    /// that an insert cannot fill.
+    init(describeOutput lines: [[UInt8]], table: String, target: String)
+        throws(ClickHouseError)
+    {
+        func invalid(_ message: String) -> ClickHouseError {
+            ClickHouseError(
+                kind: .invalidRequest, target: target, status: nil, exceptionCode: nil,
+                message: message)
+        }
+
+        var declared: [String: DescribedColumn] = [:]
+        let decoder = JSONDecoder()
+        for line in lines {
+            guard let column = try? decoder.decode(DescribedColumn.self, from: Data(line)) else {
+                throw ClickHouseError(
+                    kind: .rejected, target: target, status: 200, exceptionCode: nil,
+                    message: "unexpected DESCRIBE TABLE \(table) output line: "
+                        + String(decoding: line.prefix(200), as: UTF8.self))
+            }
+            if Self.names.contains(column.name) {
+                declared[column.name] = column
+            }
+        }
+        if declared.isEmpty {
+            self = .absent
+            return
+        }
+
+        guard let topic = declared[Self.topic], let partition = declared[Self.partition],
+            let offset = declared[Self.offset], let index = declared[Self.index]
+        else {
+            let present = Self.names.filter { declared[$0] != nil }.joined(separator: ", ")
+            let missing = Self.names.filter { declared[$0] == nil }.joined(separator: ", ")
+            throw invalid(
+                "table \(table) has the source columns \(present) but lacks \(missing); "
+                    + "declare all four (\(Self.expectedDeclaration)) or none")
+        }
+
+        for column in [topic, partition, offset, index]
+        where column.defaultKind == "MATERIALIZED" || column.defaultKind == "ALIAS" {
+            throw invalid(
+                "column \(column.name) of table \(table) is \(column.defaultKind), so an insert "
+                    + "cannot set it; declare it as an ordinary column")
+        }
+        if !Self.topicTypes.contains(topic.type) {
+            throw invalid(
+                "column \(Self.topic) of table \(table) has type \(topic.type); expected "
+                    + Self.topicTypes.joined(separator: " or "))
+        }
+
+        func integerType(
+            of column: DescribedColumn, allowed: [ClickHouseClient.SourceIntegerType]
+        ) throws(ClickHouseError) -> ClickHouseClient.SourceIntegerType {
+            if let type = ClickHouseClient.SourceIntegerType(rawValue: column.type),
+                allowed.contains(type)
+            {
+                return type
+            }
+            let expected = allowed.map(\.rawValue).joined(separator: ", ")
+            throw invalid(
+                "column \(column.name) of table \(table) has type \(column.type); expected one "
+                    + "of \(expected)")
+        }
+        self = .present(ClickHouseClient.SourceColumnTypes(
+            partition: try integerType(of: partition, allowed: Self.partitionTypes),
+            offset: try integerType(of: offset, allowed: Self.offsetTypes),
+            index: try integerType(of: index, allowed: Self.indexTypes)))
+    }
+}
+
+// MARK: - Writing source keys into rows
+
+extension ClickHouseClient.SourceColumns {
+    /// Appends `row` to `body` with the source keys written right after its opening brace,
+    /// or throws without appending anything.
+    static func appendRow(
+        _ row: [UInt8], source: RowSource, types: ClickHouseClient.SourceColumnTypes,
+        to body: inout [UInt8]
+    ) throws(SourceRowError) {
+        let object = try JSONObjectKeys(scanning: row)
+        if let key = object.keys.first(where: { $0.hasPrefix(reservedPrefix) }) {
+            throw SourceRowError(
+                reason: "already contains the key \"\(key)\"; keys starting with "
+                    + "\(reservedPrefix) are reserved for the source columns, which the client "
+                    + "fills from the row's source")
+        }
+        let values: [(String, Int64, ClickHouseClient.SourceIntegerType)] = [
+            (partition, Int64(source.partition), types.partition),
+            (offset, source.offset, types.offset),
+            (index, Int64(source.index), types.index),
+        ]
+        for (name, value, type) in values where !type.contains(value) {
+            throw SourceRowError(
+                reason: "has \(name) \(value), which does not fit the column type "
+                    + type.rawValue)
+        }
+
+        var writer = JSONWriter()
+        writer.field(topic, first: true)
+        writer.string(source.topic)
+        for (name, value, _) in values {
+            writer.field(name)
+            writer.integer(value)
+        }
+
+        let afterBrace = object.openingBrace + 1
+        body.append(contentsOf: row[..<afterBrace])
+        body.append(contentsOf: writer.bytes)
+        if !object.keys.isEmpty {
+            body.append(UInt8(ascii: ","))
+        }
+        body.append(contentsOf: row[afterBrace...])
+    }
+
+    /// Accepts a row without a source only when it carries all four source keys itself.
+    /// Otherwise ClickHouse 18.16 would fill the missing columns with an empty topic and zeros,
+    /// and every such row would share one sorting key and replace the others.
+    static func requireSourceKeys(_ row: [UInt8]) throws(SourceRowError) {
+        let keys = Set(try JSONObjectKeys(scanning: row).keys)
+        let missing = names.filter { !keys.contains($0) }
+        if !missing.isEmpty {
+            throw SourceRowError(
+                reason: "lacks \(missing.joined(separator: ", ")), which the table's source "
+                    + "columns need; append the row with a RowSource so that the client adds "
+                    + "them")
+        }
+    }
+}
+
+/// The top-level keys of a JSON object and the position of its opening brace. The scan skips
+/// values without checking them, since ClickHouse parses the row in full.
+struct JSONObjectKeys {
+    /// Byte offset of the opening brace, after any leading whitespace.
+    let openingBrace: Int
+    /// Keys in the order they appear, with escape sequences decoded.
+    let keys: [String]
+
+    init(scanning bytes: [UInt8]) throws(SourceRowError) {
+        var cursor = Cursor(bytes: bytes)
+        cursor.skipWhitespace()
+        openingBrace = cursor.position
+        try cursor.expect(UInt8(ascii: "{"), "'{'")
+
+        var keys: [String] = []
+        cursor.skipWhitespace()
+        if cursor.peek() == UInt8(ascii: "}") {
+            self.keys = keys
+            return
+        }
+        while true {
+            cursor.skipWhitespace()
+            guard cursor.peek() == UInt8(ascii: "\"") else {
+                throw cursor.failure("expected a key")
+            }
+            keys.append(try Self.decodeKey(cursor.readString()))
+            try cursor.expect(UInt8(ascii: ":"), "':'")
+            try cursor.skipValue()
+
+            cursor.skipWhitespace()
+            if cursor.peek() == UInt8(ascii: ",") {
+                cursor.position += 1
+            } else if cursor.peek() == UInt8(ascii: "}") {
+                break
+            } else {
+                throw cursor.failure("expected ',' or '}'")
+            }
+        }
+        self.keys = keys
+    }
+
+    /// Decodes a key's bytes between the quotes. ClickHouse decodes escapes in keys, so
+    /// `"\u005fsource_offset"` names the column `_source_offset`.
+    private static func decodeKey(_ raw: ArraySlice<UInt8>) throws(SourceRowError) -> String {
+        guard raw.contains(UInt8(ascii: "\\")) else {
+            return String(decoding: raw, as: UTF8.self)
+        }
+        let quoted = [UInt8(ascii: "\"")] + raw + [UInt8(ascii: "\"")]
+        guard let key = try? JSONDecoder().decode(String.self, from: Data(quoted)) else {
+            throw SourceRowError(reason: "is not a JSON object: a key has an invalid escape")
+        }
+        return key
+    }
+
+    private struct Cursor {
+        let bytes: [UInt8]
+        var position = 0
+
+        func peek() -> UInt8? {
+            position < bytes.count ? bytes[position] : nil
+        }
+
+        func failure(_ problem: String) -> SourceRowError {
+            SourceRowError(reason: "is not a JSON object: \(problem) at byte \(position)")
+        }
+
+        mutating func skipWhitespace() {
+            while let byte = peek(), byte == 0x20 || byte == 0x09 || byte == 0x0A || byte == 0x0D {
+                position += 1
+            }
+        }
+
+        mutating func expect(_ byte: UInt8, _ name: String) throws(SourceRowError) {
+            skipWhitespace()
+            guard peek() == byte else { throw failure("expected \(name)") }
+            position += 1
+        }
+
+        /// Reads a string from its opening quote and returns the bytes between the quotes.
+        mutating func readString() throws(SourceRowError) -> ArraySlice<UInt8> {
+            let start = position + 1
+            position = start
+            while let byte = peek() {
+                if byte == UInt8(ascii: "\\") {
+                    position += 2
+                } else if byte == UInt8(ascii: "\"") {
+                    position += 1
+                    return bytes[start..<(position - 1)]
+                } else {
+                    position += 1
+                }
+            }
+            throw failure("unterminated string")
+        }
+
+        /// Moves past one value: a string, an object or array with everything inside, or a
+        /// number or literal, which ends at the next delimiter.
+        mutating func skipValue() throws(SourceRowError) {
+            skipWhitespace()
+            switch peek() {
+            case nil:
+                throw failure("expected a value")
+            case UInt8(ascii: "\""):
+                _ = try readString()
+            case UInt8(ascii: "{"), UInt8(ascii: "["):
+                try skipContainer()
+            default:
+                let start = position
+                while let byte = peek(), !",}] \t\r\n".utf8.contains(byte) {
+                    position += 1
+                }
+                if position == start { throw failure("expected a value") }
+            }
+        }
+
+        private mutating func skipContainer() throws(SourceRowError) {
+            var depth = 0
+            while let byte = peek() {
+                switch byte {
+                case UInt8(ascii: "\""):
+                    _ = try readString()
+                    continue
+                case UInt8(ascii: "{"), UInt8(ascii: "["):
+                    depth += 1
+                case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                    depth -= 1
+                default:
+                    break
+                }
+                position += 1
+                if depth == 0 { return }
+            }
+            throw failure("unterminated object or array")
+        }
     }
 }
 

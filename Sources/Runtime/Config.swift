@@ -33,6 +33,8 @@ public struct RuntimeConfig: Sendable, Equatable {
         public var groupID = ""
         public var aggregatedTopic = ""
         public var invalidationTopic = ""
+        /// Dead-letter topic template, where `{topic}` is replaced by the source topic.
+        public var deadLetterTopic = ""
         /// Maximum number of messages consumed per poll batch.
         public var pollBatch = 0
         public var pollTimeoutMs = 0
@@ -436,6 +438,10 @@ extension RuntimeConfig {
                     default: "projection.invalidation.v1",
                     help: "Topic of cache-invalidation events, given to projections as "
                         + "settings.invalidation_topic."),
+        SettingSpec("kafka.deadLetterTopic", env: "DATA_PROC_DEAD_LETTER_TOPIC",
+                    .string(\.kafka.deadLetterTopic, allowsEmpty: false), default: "{topic}.dlq",
+                    help: "Topic for events a projection could not handle, where {topic} is replaced by "
+                        + "the source topic."),
         SettingSpec("kafka.pollBatch", env: "DATA_PROC_KAFKA_POLL_BATCH",
                     .integer(\.kafka.pollBatch, positive), default: "500",
                     help: "Maximum number of messages consumed per poll batch."),

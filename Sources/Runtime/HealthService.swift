@@ -42,6 +42,9 @@ final class HealthService: Sendable {
         if !health.redisReachable {
             reasons.append("Redis is not reachable" + (health.redisError.map { ": \($0)" } ?? ""))
         }
+        if let paused = health.pausedReason {
+            reasons.append("consumption is paused: \(paused)")
+        }
         if registry.current.projections.isEmpty {
             reasons.append("no projection is loaded")
         }
@@ -67,7 +70,9 @@ final class HealthService: Sendable {
     /// Kubernetes restarts the pod only when a restart can help.
     private func health() -> HTTPResponse {
         let health = control.snapshot
-        let failures = registry.unloadedFailures + registry.statuses.compactMap(\.lastError)
+        // Load errors only: a handler error on one event is counted and dead-lettered, and
+        // says nothing about the health of the process.
+        let failures = registry.unloadedFailures + registry.statuses.compactMap(\.loadError)
         var writer = JSONWriter()
         writer.beginObject()
         writer.field("status", first: true)

@@ -296,6 +296,23 @@ public final class KafkaConsumer {
         }
     }
 
+    /// Moves the fetch position of assigned partitions, so that the next `poll` returns their
+    /// messages from `offsets` on. Used to hand a batch that was abandoned back to the consumer.
+    public func seek(_ offsets: [TopicPartition: Int64], timeoutMs: Int = 5_000) throws(KafkaError) {
+        guard !offsets.isEmpty else { return }
+        let handle = try openHandle("rd_kafka_seek_partitions")
+        try withPartitionList(offsets.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }) {
+            list throws(KafkaError) in
+            if let error = rd_kafka_seek_partitions(handle, list, Int32(timeoutMs)) {
+                // The error object is ours to destroy once its text is copied.
+                let message = String(cString: rd_kafka_error_string(error))
+                rd_kafka_error_destroy(error)
+                throw KafkaError(function: "rd_kafka_seek_partitions", message: "seek of \(offsets.keys.sorted()) failed: \(message)")
+            }
+            try checkEach(readPartitionList(list), "rd_kafka_seek_partitions", "seek of")
+        }
+    }
+
     /// Returns the partitions currently assigned, sorted. It returns an empty array when the
     /// consumer is closed or librdkafka fails, which is logged.
     public func assignment() -> [TopicPartition] {

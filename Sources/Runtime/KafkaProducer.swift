@@ -36,11 +36,14 @@ public final class KafkaProducer {
     /// Queues one message. `partition` nil lets the partitioner choose (by key hash when a key
     /// is set). `timestampMs` nil lets librdkafka use the current time.
     ///
+    /// With a `deliveryId` (1 or more), the message's delivery report goes to
+    /// `waitForDeliveryReports(timeoutMs:)` under that id, and `flush` ignores it.
+    ///
     /// librdkafka copies the topic, key, value and headers before `rd_kafka_produceva`
     /// returns, so nothing here outlives the call.
     public func produce(topic: String, partition: Int32? = nil, key: [UInt8]? = nil,
                         value: [UInt8]?, headers: [(name: String, value: [UInt8]?)] = [],
-                        timestampMs: Int64? = nil) throws(KafkaError) {
+                        timestampMs: Int64? = nil, deliveryId: Int? = nil) throws(KafkaError) {
         guard let handle else {
             throw KafkaError(function: "rd_kafka_produceva", message: "Kafka producer is closed")
         }
@@ -62,6 +65,13 @@ public final class KafkaProducer {
         }
         if let timestampMs {
             values.append(argument(RD_KAFKA_VTYPE_TIMESTAMP) { $0.i64 = timestampMs })
+        }
+        if let deliveryId {
+            precondition(deliveryId > 0, "delivery id \(deliveryId) is not 1 or more")
+            // librdkafka passes this opaque pointer back in the delivery report untouched.
+            values.append(argument(RD_KAFKA_VTYPE_OPAQUE) {
+                $0.ptr = UnsafeMutableRawPointer(bitPattern: deliveryId)
+            })
         }
         for header in headers {
             values.append(argument(RD_KAFKA_VTYPE_HEADER) {
@@ -91,6 +101,20 @@ public final class KafkaProducer {
         if let failure = deliveries.takeFailure() {
             throw failure
         }
+    }
+
+    /// Waits up to `timeoutMs` until every queued message is delivered or failed, as `flush`
+    /// does, and returns the reports of messages produced with a `deliveryId` that arrived since
+    /// the last call, in arrival order. Failed deliveries are returned, not thrown. A message
+    /// without a report is still in librdkafka's queue, where it is retried until
+    /// `message.timeout.ms` has passed and then reported as failed.
+    public func waitForDeliveryReports(timeoutMs: Int) throws(KafkaError) -> [DeliveryReport] {
+        guard let handle else {
+            throw KafkaError(function: "rd_kafka_flush", message: "Kafka producer is closed")
+        }
+        // rd_kafka_flush returns only NO_ERROR or _TIMED_OUT. Both leave the reports to read.
+        _ = rd_kafka_flush(handle, Int32(clamping: timeoutMs))
+        return deliveries.takeReports()
     }
 
     /// Destroys the handle. Messages still queued are dropped, so call `flush` first. Calling
@@ -159,12 +183,30 @@ private struct CArguments: ~Copyable {
     }
 }
 
+/// The outcome of one message produced with a `deliveryId`.
+public struct DeliveryReport: Sendable {
+    public var deliveryId: Int
+    /// The failure, or nil when the broker acknowledged the message.
+    public var error: KafkaError?
+    /// The partition and offset of the stored message, valid only when `error` is nil. The
+    /// offset is negative when the broker returned none (`acks=0`).
+    public var partition: Int32
+    public var offset: Int64
+}
+
 /// Delivery results that the delivery callback reaches through the configuration's opaque
 /// pointer. Only the owner thread touches it, because librdkafka runs the callback inside
 /// `rd_kafka_poll` and `rd_kafka_flush`.
 private final class DeliveryState {
     var failures = 0
     var firstFailure: KafkaError?
+    /// Reports of messages produced with a delivery id, not yet taken.
+    var reports: [DeliveryReport] = []
+
+    func takeReports() -> [DeliveryReport] {
+        defer { reports = [] }
+        return reports
+    }
 
     func takeFailure() -> KafkaError? {
         defer {
@@ -182,15 +224,30 @@ private final class DeliveryState {
 private func producerDeliveryCallback(handle: OpaquePointer?,
                                       message: UnsafePointer<rd_kafka_message_t>?,
                                       opaque: UnsafeMutableRawPointer?) {
-    guard let message, let opaque, message.pointee.err != RD_KAFKA_RESP_ERR_NO_ERROR else { return }
+    guard let message, let opaque else { return }
     let state = Unmanaged<DeliveryState>.fromOpaque(opaque).takeUnretainedValue()
-    let topic = message.pointee.rkt.map { String(cString: rd_kafka_topic_name($0)) } ?? ""
-    state.failures += 1
-    if state.firstFailure == nil {
-        state.firstFailure = KafkaError(function: "rd_kafka_flush", code: message.pointee.err.rawValue,
-                                        message: "delivery to '\(topic)' failed: \(errorText(message.pointee.err))")
+    let code = message.pointee.err
+    var error: KafkaError?
+    var topic = ""
+    if code != RD_KAFKA_RESP_ERR_NO_ERROR {
+        topic = message.pointee.rkt.map { String(cString: rd_kafka_topic_name($0)) } ?? ""
+        error = KafkaError(function: "rd_kafka_flush", code: code.rawValue,
+                           message: "delivery to '\(topic)' failed: \(errorText(code))")
     }
+
+    // `_private` is the per-message opaque that `produce` set from the delivery id.
+    if let deliveryId = message.pointee._private {
+        state.reports.append(DeliveryReport(deliveryId: Int(bitPattern: deliveryId), error: error,
+                                            partition: message.pointee.partition,
+                                            offset: message.pointee.offset))
+    } else if let error {
+        state.failures += 1
+        if state.firstFailure == nil {
+            state.firstFailure = error
+        }
+    }
+    guard error != nil else { return }
     Log.shared.warn("Kafka delivery failed", [
-        "kafka.topic": .string(topic), "error": .string(errorText(message.pointee.err)),
+        "kafka.topic": .string(topic), "error": .string(errorText(code)),
     ])
 }

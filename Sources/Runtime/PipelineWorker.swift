@@ -3,33 +3,48 @@ import HostAPI
 
 /// The consume loop: poll a batch, run it through the projections, write the effects, commit.
 ///
-/// One worker thread owns everything here: the Kafka consumer, the Redis connection, the
-/// ClickHouse client and buffer, the projection runner with its Lua states, and the keyed
-/// state. Nothing in it is shared; other threads see the worker only through `RuntimeControl`,
-/// `ProjectionRegistry` and the metrics.
+/// One worker thread owns everything here: the Kafka consumer, the dead-letter producer, the
+/// Redis connection with the keyed state and offsets, the ClickHouse client and buffer, and the
+/// projection runner with its Lua states. Other threads see the worker only through
+/// `RuntimeControl`, `ProjectionRegistry` and the metrics.
 ///
-/// Order of writes for each batch: Redis (one MULTI/EXEC with the batch's commands), then
-/// ClickHouse rows when the buffer is due, then the Kafka commit of the offsets whose Redis
-/// effects and rows are both acknowledged. Offsets never get ahead of the effects they cover.
+/// Each commit unit is written in this order: dead letters (acknowledged), ClickHouse rows,
+/// then one Redis MULTI/EXEC with the projections' commands, the keyed-state changes and the
+/// next offsets, then (throttled) the Kafka commit. Redis holds the authoritative offsets, so a
+/// process killed at any point resumes exactly after the last applied transaction.
 final class PipelineWorker {
     let config: RuntimeConfig
     let registry: ProjectionRegistry
     let control: RuntimeControl
     let metrics: RuntimeMetrics
 
-    private let consumer: KafkaConsumer
-    private let redis: RedisConnection
-    private let clickhouse: ClickHouseClient
-    private var buffer: ClickHouseBuffer
-    private var runner: ProjectionRunner
-    private let store = InMemoryStateStore()
+    let consumer: KafkaConsumer
+    let deadLetters: DeadLetterWriter
+    let redis: RedisConnection
+    let state: RedisStateStore
+    let ownership: PartitionOwnership
+    let clickhouse: ClickHouseClient
+    let buffer: ClickHouseBuffer
+    var runner: ProjectionRunner
     private var subscribedTopics: [String] = []
-    /// Offsets whose Redis effects are applied, waiting for the ClickHouse rows before them.
-    private var pendingCommit: [TopicPartition: Int64] = [:]
+
+    var unit = CommitUnit()
+    /// Records taken from the consumer but not handled yet, because a write was failing.
+    var backlog: [EventMessage] = []
+    /// Set while a sink fails: partitions are paused and the loop only retries and polls.
+    var outage: Outage?
+    var pendingKafkaCommit: [TopicPartition: Int64] = [:]
+    private var lastKafkaCommit = 0.0
     private var lastLagUpdate = 0.0
-    /// Set when a batch's Redis effects were given up on at shutdown: no later offset may be
-    /// committed, since it would cover the effects that were not written.
-    private var commitBlocked = false
+    private var lastRedisProbe = 0.0
+
+    /// A failing sink and when to try it again.
+    struct Outage {
+        var sink: String
+        var error: String
+        var backoff = Backoff()
+        var retryAt: Double
+    }
 
     init(config: RuntimeConfig, registry: ProjectionRegistry, control: RuntimeControl,
          metrics: RuntimeMetrics) throws {
@@ -37,85 +52,145 @@ final class PipelineWorker {
         self.registry = registry
         self.control = control
         self.metrics = metrics
+        let group = config.kafka.groupID
         self.redis = RedisConnection(settings: config.redisSettings)
+        let offsets = RedisOffsetStore(connection: redis, namespace: group)
+        self.state = RedisStateStore(connection: redis, namespace: group)
+        self.ownership = PartitionOwnership(connection: redis, offsets: offsets, namespace: group)
         self.clickhouse = try ClickHouseClient(settings: config.clickhouseSettings)
         self.buffer = ClickHouseBuffer(settings: config.clickhouseSettings)
         self.runner = ProjectionRunner(set: registry.current, settings: config.hostSettings)
         self.consumer = try KafkaConsumer(settings: config.kafkaConsumerSettings)
+        self.deadLetters = try DeadLetterWriter(bootstrap: config.kafka.bootstrapServers.joined(separator: ","),
+                                                properties: config.kafka.properties,
+                                                topicTemplate: config.kafka.deadLetterTopic)
     }
 
-    /// Runs until `control.stop()`, then flushes, commits and leaves the group.
+    /// Runs until `control.stop()`, then writes what it holds, commits and leaves the group.
     func run() {
         consumer.onRebalance = { [unowned self] event in self.rebalanced(event) }
         subscribeIfChanged()
         connectRedis()
 
         while !control.isStopping {
+            if outage != nil {
+                waitOutOutage()
+                continue
+            }
             swapIfReloaded()
-            let records = consumer.poll(maxMessages: config.kafka.pollBatch, timeoutMs: config.kafka.pollTimeoutMs)
+            let records = takeRecords()
             control.update { $0.consumerJoined = consumer.isJoined }
             if !records.isEmpty {
-                process(records)
+                handleBatch(records)
             }
-            if buffer.isDue(nowMs: nowMs()) || (buffer.isEmpty && !pendingCommit.isEmpty) {
-                flushAndCommit(deadline: nil)
+            if unitIsDue() {
+                commitUnit(deadline: nil)
             }
+            commitKafkaIfDue(force: false)
             updateLagEvery(seconds: 5)
+            probeRedisIfUnreachable()
         }
         shutDown()
     }
 
-    // MARK: - Batches
-
-    private func process(_ records: [EventMessage]) {
-        var batch = EffectBatch()
-        for message in records {
-            handle(message, into: &batch)
+    private func takeRecords() -> [EventMessage] {
+        if !backlog.isEmpty {
+            defer { backlog.removeAll() }
+            return backlog
         }
-        guard applyRedis(batch, deadline: nil) else {
-            commitBlocked = true
-            return
-        }
-        for (partition, offset) in batch.nextOffsets {
-            pendingCommit[partition] = offset
-        }
-        registry.recordApplied(batch.progress, nowMs: nowMs())
+        return consumer.poll(maxMessages: config.kafka.pollBatch, timeoutMs: config.kafka.pollTimeoutMs)
     }
 
-    private func handle(_ message: EventMessage, into batch: inout EffectBatch) {
+    /// A unit is written when its rows are due, or at once when it has no rows (Redis effects
+    /// then become visible after each batch).
+    private func unitIsDue() -> Bool {
+        guard !unit.isEmpty || deadLetters.pendingCount > 0 else { return false }
+        return buffer.isEmpty || buffer.isDue()
+    }
+
+    // MARK: - Handling
+
+    /// Claims new partitions, loads their keyed state, skips events already applied, and runs
+    /// the rest through the projections. A Redis failure here keeps the records for later.
+    private func handleBatch(_ records: [EventMessage]) {
+        do {
+            try prepare(for: records)
+        } catch {
+            backlog = records
+            enterOutage(sink: "Redis", error: "\(error)")
+            return
+        }
         let now = nowMs()
-        for result in runner.handle(message, store: store, nowMs: now) {
-            let origin = EffectBatch.Origin(projection: result.projection, topic: message.topic,
-                                            partition: message.partition, offset: message.offset)
+        for message in records {
+            let partition = TopicPartition(message.topic, message.partition)
+            if ownership.fenced.contains(partition) {
+                continue
+            }
+            if ownership.isApplied(partition, offset: message.offset) {
+                metrics.recordSkipped(reason: "already_applied")
+                continue
+            }
+            handle(message, nowMs: now)
+        }
+    }
+
+    private func prepare(for records: [EventMessage]) throws {
+        let partitions = Set(records.map { TopicPartition($0.topic, $0.partition) })
+        let unclaimed = partitions.filter { !ownership.isClaimed($0) }.sorted()
+        if !unclaimed.isEmpty {
+            try redis.ensureConnected(deadline: Date().timeIntervalSince1970 + 1)
+            try ownership.claim(unclaimed)
+        }
+        var scopes = Set<StateScope>()
+        for partition in partitions {
+            for projection in runner.projections(subscribedTo: partition.topic) {
+                scopes.insert(StateScope(projection: projection, topic: partition.topic, partition: partition.partition))
+            }
+        }
+        try state.ensureLoaded(scopes)
+    }
+
+    private func handle(_ message: EventMessage, nowMs now: Int64) {
+        // Counts rows across projections, so two projections writing one table from the same
+        // event get distinct sources.
+        var rowIndex = 0
+        for result in runner.handle(message, store: state, nowMs: now) {
+            let origin = CommitUnit.Origin(projection: result.projection, topic: message.topic,
+                                           partition: message.partition, offset: message.offset)
             switch result.outcome {
             case .handled(let effects):
                 metrics.recordEvent(projection: result.projection, result: "ok")
                 for effect in effects {
-                    route(effect, origin: origin, into: &batch)
+                    route(effect, origin: origin, rowIndex: &rowIndex)
                 }
-                batch.record(projection: result.projection, message: message, failure: nil)
+                unit.record(projection: result.projection, message: message, failure: nil)
             case .failed(let failure):
                 metrics.recordEvent(projection: result.projection,
                                     result: failure.phase == .decode ? "invalid_payload" : "error")
                 logFailure(failure, origin: origin)
-                batch.record(projection: result.projection, message: message, failure: failure)
+                deadLetters.add(message, projection: result.projection, version: result.version, failure: failure)
+                unit.deadLetters += 1
+                unit.record(projection: result.projection, message: message, failure: failure)
             }
         }
-        batch.markHandled(message)
+        unit.markHandled(message, nowMs: ClickHouseBuffer.monotonicMilliseconds())
     }
 
-    /// Sends one effect where it goes: Redis commands to the batch, rows to the buffer, logs
-    /// and counters straight out.
-    private func route(_ effect: Effect, origin: EffectBatch.Origin, into batch: inout EffectBatch) {
+    /// Sends one effect where it goes: Redis commands to the unit, rows to the buffer, logs and
+    /// counters straight out. Keyed-state changes are already in the state store.
+    private func route(_ effect: Effect, origin: CommitUnit.Origin, rowIndex: inout Int) {
         switch effect {
         case .redis(let arguments):
-            batch.addRedis(.arguments(arguments), origin: origin)
+            unit.addRedis(.arguments(arguments), origin: origin)
         case .redisScript(let name, let sha1, let keys, let arguments):
             let source = runner.set.projection(named: origin.projection)?.scripts
                 .first(where: { $0.name == name })?.source ?? []
-            batch.addRedis(.script(sha1: sha1, source: source, keys: keys, arguments: arguments), origin: origin)
+            unit.addRedis(.script(sha1: sha1, source: source, keys: keys, arguments: arguments), origin: origin)
         case .insert(let table, let row):
-            buffer.append(table: table, row: row, nowMs: nowMs())
+            let source = RowSource(topic: origin.topic, partition: origin.partition, offset: origin.offset,
+                                   index: rowIndex)
+            buffer.append(table: table, row: row, source: source)
+            rowIndex += 1
         case .state, .clickhouseStatement:
             break
         case .log(let level, let message, let fields):
@@ -130,112 +205,19 @@ final class PipelineWorker {
         }
     }
 
-    /// Per-event failures go to debug with a counter; a warning per message would flood logs.
-    private func logFailure(_ failure: ProjectionFailure, origin: EffectBatch.Origin) {
-        Log.shared.warn("projection failed on an event; the event is skipped for this projection", [
+    /// Per-event failures are rate-limited by the logger and counted; the event also goes to
+    /// the dead-letter topic.
+    private func logFailure(_ failure: ProjectionFailure, origin: CommitUnit.Origin) {
+        Log.shared.warn("projection failed on an event; it goes to the dead-letter topic", [
             "projection": .string(origin.projection), "kafka.topic": .string(origin.topic),
             "kafka.partition": .int(origin.partition), "kafka.offset": .integer(origin.offset),
-            "phase": .string(failure.phase.rawValue), "source": .string(failure.line.map { "\(failure.file):\($0)" } ?? failure.file),
+            "phase": .string(failure.phase.rawValue),
+            "source": .string(failure.line.map { "\(failure.file):\($0)" } ?? failure.file),
             "error": .string(failure.message),
         ])
     }
 
-    // MARK: - Writing
-
-    /// Applies the batch's Redis commands in one transaction (which loads missing scripts
-    /// first), retrying with backoff while Redis is unreachable. Reply errors of single commands are projection mistakes (a wrong type,
-    /// say): they are logged and counted, and the rest of the batch still applies.
-    private func applyRedis(_ batch: EffectBatch, deadline: Double?) -> Bool {
-        guard !batch.redisCommands.isEmpty else { return true }
-        var backoff = Backoff()
-        while true {
-            let started = DispatchTime.now().uptimeNanoseconds
-            do {
-                let replies = try redis.transaction(batch.redisCommands)
-                metrics.recordRedisFlush(seconds: elapsed(since: started), failed: false)
-                control.update { $0.redisReachable = true; $0.redisError = nil }
-                reportReplyErrors(replies, batch: batch)
-                return true
-            } catch {
-                metrics.recordRedisFlush(seconds: elapsed(since: started), failed: true)
-                control.update { $0.redisReachable = false; $0.redisError = "\(error)" }
-                Log.shared.warn("Redis write failed; retrying", [
-                    "error": .string("\(error)"), "retry_in_ms": .int(backoff.nextDelayMs),
-                    "commands": .int(batch.redisCommands.count),
-                ])
-                if shouldGiveUp(deadline) { return false }
-                backoff.sleep()
-                // NOTE: while Redis is down the worker does not poll Kafka, so an outage longer
-                // than max.poll.interval.ms (default 300 s) makes the broker revoke the
-                // partitions; the uncommitted batch is then consumed again (at least once).
-            }
-        }
-    }
-
-    private func reportReplyErrors(_ replies: [RedisReply], batch: EffectBatch) {
-        for (index, reply) in replies.enumerated() {
-            guard case .error(let message) = reply, index < batch.redisOrigins.count else { continue }
-            let origin = batch.redisOrigins[index]
-            metrics.recordRedisCommandError(projection: origin.projection)
-            Log.shared.error("Redis rejected a projection's command", [
-                "projection": .string(origin.projection), "kafka.topic": .string(origin.topic),
-                "kafka.partition": .int(origin.partition), "kafka.offset": .integer(origin.offset),
-                "command": .string(batch.redisCommands[index].summary), "error": .string(message),
-            ])
-        }
-    }
-
-    /// Writes the buffered rows, then commits the offsets they and Redis cover.
-    private func flushAndCommit(deadline: Double?) {
-        var allInserted = true
-        for (table, rows) in buffer.drain() where !insertRows(table: table, rows: rows, deadline: deadline) {
-            // Keep the rows for the next flush; the offsets stay uncommitted until then.
-            for row in rows {
-                buffer.append(table: table, row: row, nowMs: nowMs())
-            }
-            allInserted = false
-        }
-        if allInserted {
-            commitPending()
-        }
-    }
-
-    private func insertRows(table: String, rows: [[UInt8]], deadline: Double?) -> Bool {
-        var backoff = Backoff()
-        while true {
-            let started = DispatchTime.now().uptimeNanoseconds
-            do {
-                try clickhouse.insert(table: table, rows: rows)
-                metrics.recordClickHouseFlush(table: table, rows: rows.count, seconds: elapsed(since: started), failed: false)
-                control.update { $0.clickhouseReachable = true; $0.clickhouseError = nil }
-                return true
-            } catch {
-                metrics.recordClickHouseFlush(table: table, rows: 0, seconds: elapsed(since: started), failed: true)
-                control.update { $0.clickhouseReachable = false; $0.clickhouseError = "\(error)" }
-                Log.shared.warn("ClickHouse insert failed; retrying", [
-                    "table": .string(table), "rows": .int(rows.count), "error": .string("\(error)"),
-                    "retry_in_ms": .int(backoff.nextDelayMs),
-                ])
-                // NOTE: a rejected insert (bad rows) is retried like an outage, which stalls the
-                // partition until the table or the projection is fixed; nothing is dropped.
-                if shouldGiveUp(deadline) { return false }
-                backoff.sleep()
-            }
-        }
-    }
-
-    private func commitPending() {
-        guard !pendingCommit.isEmpty, !commitBlocked else { return }
-        do {
-            try consumer.commit(pendingCommit)
-            pendingCommit.removeAll()
-        } catch {
-            // The offsets stay pending and go out with the next commit.
-            Log.shared.warn("Kafka offset commit failed; will retry with the next batch", ["error": .string("\(error)")])
-        }
-    }
-
-    // MARK: - Reload, rebalance, shutdown
+    // MARK: - Reload and subscription
 
     /// Swaps to the newest published projection set between batches.
     private func swapIfReloaded() {
@@ -246,6 +228,7 @@ final class PipelineWorker {
                 "projection": .string(failure.projection ?? ""), "error": .string(failure.description),
             ])
         }
+        clickhouse.forgetSchemas()
         Log.shared.info("worker swapped to a new projection set", ["generation": .int(current.generation)])
         subscribeIfChanged()
     }
@@ -256,6 +239,7 @@ final class PipelineWorker {
         do {
             try consumer.subscribe(topics)
             subscribedTopics = topics
+            control.update { $0.kafkaError = nil }
             Log.shared.info("subscribed", ["topics": .string(topics.joined(separator: ","))])
         } catch {
             control.update { $0.kafkaError = "\(error)" }
@@ -263,38 +247,31 @@ final class PipelineWorker {
         }
     }
 
-    /// Before partitions are released, writes and commits what was handled from them.
-    private func rebalanced(_ event: RebalanceEvent) {
-        switch event {
-        case .revoked(let partitions, _):
-            flushAndCommit(deadline: Date().timeIntervalSince1970 + Double(config.shutdownTimeoutMs) / 1000)
-            Log.shared.info("partitions revoked", ["partitions": .int(partitions.count)])
-        case .assigned(let partitions):
-            Log.shared.info("partitions assigned", ["partitions": .int(partitions.count)])
-        }
-        control.update { $0.assignedPartitions = consumer.assignment().count }
+    /// While no write has shown Redis reachable, tries to connect once a second, so that
+    /// `/ready` turns 200 when Redis comes up even if no event arrives.
+    private func probeRedisIfUnreachable() {
+        let now = Date().timeIntervalSince1970
+        guard !control.snapshot.redisReachable, now - lastRedisProbe >= 1 else { return }
+        lastRedisProbe = now
+        connectRedis()
     }
 
     private func connectRedis() {
         do {
             try redis.ensureConnected(deadline: Date().timeIntervalSince1970 + 1)
-            control.update { $0.redisReachable = true }
+            _ = try redis.command([Array("PING".utf8)])
+            control.update { $0.redisReachable = true; $0.redisError = nil }
         } catch {
             control.update { $0.redisReachable = false; $0.redisError = "\(error)" }
             Log.shared.warn("Redis is not reachable yet", ["error": .string("\(error)")])
         }
     }
 
-    private func shutDown() {
-        let deadline = Date().timeIntervalSince1970 + Double(config.shutdownTimeoutMs) / 1000
-        Log.shared.info("worker stopping: flushing and committing")
-        flushAndCommit(deadline: deadline)
-        consumer.close()
-        control.update { $0.workerStopped = true; $0.consumerJoined = false }
-        Log.shared.info("worker stopped")
+    func nowMs() -> Int64 {
+        Int64(Date().timeIntervalSince1970 * 1000)
     }
 
-    private func updateLagEvery(seconds: Double) {
+    func updateLagEvery(seconds: Double) {
         let now = Date().timeIntervalSince1970
         guard now - lastLagUpdate >= seconds else { return }
         lastLagUpdate = now
@@ -308,21 +285,18 @@ final class PipelineWorker {
         }
     }
 
-    /// During shutdown or a revoke, retries stop at the deadline; the uncommitted offsets are
-    /// consumed again by whoever owns the partition next.
-    private func shouldGiveUp(_ deadline: Double?) -> Bool {
-        if let deadline, Date().timeIntervalSince1970 >= deadline {
-            return true
+    /// Commits Kafka offsets at most once a second, and always when forced (revoke, shutdown).
+    /// They only serve lag tools: the offsets in Redis decide where consumption resumes.
+    func commitKafkaIfDue(force: Bool) {
+        let now = Date().timeIntervalSince1970
+        guard !pendingKafkaCommit.isEmpty, force || now - lastKafkaCommit >= 1 else { return }
+        lastKafkaCommit = now
+        do {
+            try consumer.commit(pendingKafkaCommit)
+            pendingKafkaCommit.removeAll()
+        } catch {
+            Log.shared.warn("Kafka offset commit failed; will retry", ["error": .string("\(error)")])
         }
-        return deadline == nil && control.isStopping
-    }
-
-    private func nowMs() -> Int64 {
-        Int64(Date().timeIntervalSince1970 * 1000)
-    }
-
-    private func elapsed(since start: UInt64) -> Double {
-        Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
     }
 }
 
@@ -336,9 +310,14 @@ struct Backoff {
 
     var nextDelayMs: Int { delayMs }
 
-    mutating func sleep() {
+    /// Returns the jittered delay to wait now, in seconds, and doubles the next one.
+    mutating func next() -> Double {
         let jittered = delayMs / 2 + Int.random(in: 0...(delayMs / 2))
-        usleep(UInt32(jittered) * 1000)
         delayMs = min(delayMs * 2, maxMs)
+        return Double(jittered) / 1000
+    }
+
+    mutating func sleep() {
+        usleep(UInt32(next() * 1_000_000))
     }
 }

@@ -14,8 +14,11 @@ public final class ProjectionRegistry: Sendable {
         public var loadedAtMs: Int64
         public var topics: [String]
         public var queries: [String]
-        /// The last error of a reload or a handler, with when it happened.
-        public var lastError: ProjectionFailure?
+        /// Why the newest reload of this projection's file failed, while its previous version
+        /// keeps serving; nil once a reload of the file succeeds.
+        public var loadError: ProjectionFailure?
+        /// The last error a handler raised on an event, with when it happened.
+        public var lastEventError: ProjectionFailure?
         public var lastErrorAtMs: Int64?
         public var eventsHandled: Int64 = 0
         public var eventsFailed: Int64 = 0
@@ -73,10 +76,17 @@ public final class ProjectionRegistry: Sendable {
                 status.queries = definition.queries
                 statuses[definition.name] = status
             }
-            for case .failed(let failure, let kept) in report.entries where kept != nil {
-                if let name = failure.projection ?? set.projections.first(where: { $0.code.file == failure.file })?.name {
-                    statuses[name]?.lastError = failure
-                    statuses[name]?.lastErrorAtMs = nowMs
+            for entry in report.entries {
+                switch entry {
+                case .loaded(let name, _, _, _):
+                    statuses[name]?.loadError = nil
+                case .failed(let failure, .some):
+                    if let name = set.projections.first(where: { $0.code.file == failure.file })?.name {
+                        statuses[name]?.loadError = failure
+                        statuses[name]?.lastErrorAtMs = nowMs
+                    }
+                default:
+                    break
                 }
             }
             state.statuses = statuses
@@ -136,7 +146,7 @@ public final class ProjectionRegistry: Sendable {
                     status.lastEventTimestampMs = max(status.lastEventTimestampMs ?? timestamp, timestamp)
                 }
                 if let failure = progress.lastFailure {
-                    status.lastError = failure
+                    status.lastEventError = failure
                     status.lastErrorAtMs = nowMs
                 }
                 status.lastAppliedAtMs = nowMs

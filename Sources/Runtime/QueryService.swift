@@ -156,7 +156,7 @@ final class QueryService: Sendable {
         writer.field("loaded_at_ms")
         writer.integer(status.loadedAtMs)
         writer.field("status")
-        writer.string(status.lastError == nil ? "ok" : "error")
+        writer.string(status.loadError == nil ? "ok" : "error")
         writer.field("topics")
         writer.array(status.topics) { topic, writer in writer.string(topic) }
         writer.field("queries")
@@ -165,8 +165,10 @@ final class QueryService: Sendable {
         writer.integer(status.eventsHandled)
         writer.field("events_failed")
         writer.integer(status.eventsFailed)
-        writer.field("last_error")
-        if let failure = status.lastError { writeFailure(failure, to: &writer) } else { writer.null() }
+        writer.field("load_error")
+        if let failure = status.loadError { writeFailure(failure, to: &writer) } else { writer.null() }
+        writer.field("last_event_error")
+        if let failure = status.lastEventError { writeFailure(failure, to: &writer) } else { writer.null() }
         writer.field("last_error_at_ms")
         if let at = status.lastErrorAtMs { writer.integer(at) } else { writer.null() }
         writer.endObject()

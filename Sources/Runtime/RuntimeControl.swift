@@ -14,6 +14,8 @@ public final class RuntimeControl: Sendable {
         public var clickhouseReachable = true
         public var clickhouseError: String?
         public var kafkaError: String?
+        /// Why consumption is paused (a failing write), or nil while it runs.
+        public var pausedReason: String?
         /// Set once the worker has left its loop.
         public var workerStopped = false
     }

@@ -18,6 +18,8 @@ public final class RuntimeMetrics: Sendable {
     private let reloads: CounterFamily
     private let luaMemory: GaugeFamily
     private let queries: CounterFamily
+    private let skipped: CounterFamily
+    private let abandoned: CounterFamily
     private let querySeconds: HistogramFamily
 
     public init() {
@@ -71,6 +73,14 @@ public final class RuntimeMetrics: Sendable {
             name: "projection_query_duration_seconds",
             help: "Time to answer one internal API query.",
             labelNames: ["projection"])
+        skipped = registry.counter(
+            name: "projection_events_skipped_total",
+            help: "Events not handled again because Redis already holds their effects (replays after a restart or rebalance).",
+            labelNames: ["reason"])
+        abandoned = registry.counter(
+            name: "projection_batches_abandoned_total",
+            help: "Batches dropped before they were written, to be consumed again: fenced (another process owns the partition), deadline, partitions lost.",
+            labelNames: ["reason"])
         registry.register(ProcessMetrics())
     }
 
@@ -118,6 +128,14 @@ public final class RuntimeMetrics: Sendable {
 
     func recordLuaMemory(projection: String, bytes: Int) {
         luaMemory.labels(projection).set(Double(bytes))
+    }
+
+    func recordSkipped(reason: String) {
+        skipped.labels(reason).inc()
+    }
+
+    func recordAbandonedBatch(reason: String) {
+        abandoned.labels(reason).inc()
     }
 
     func recordQuery(projection: String, query: String, status: Int, seconds: Double) {

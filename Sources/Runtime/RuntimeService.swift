@@ -171,8 +171,10 @@ public final class RuntimeService: Sendable {
             case .unchanged:
                 break
             case .failed(let failure, let kept):
+                let name = failure.projection
+                    ?? registry.current.projections.first { $0.code.file == failure.file }?.name
                 Log.shared.error("projection failed to load", [
-                    "projection": .string(failure.projection ?? ""), "file": .string(failure.file),
+                    "projection": .string(name ?? "(none loaded)"), "file": .string(failure.file),
                     "line": .int(failure.line ?? 0), "phase": .string(failure.phase.rawValue),
                     "error": .string(failure.message), "kept_version": .string(kept.map { String($0.prefix(12)) } ?? "none"),
                     "trigger": .string(trigger),

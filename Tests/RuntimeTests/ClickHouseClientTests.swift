@@ -281,6 +281,243 @@ final class ClickHouseClientTests: XCTestCase {
         XCTAssertEqual(client.connectionsOpened, 0)
     }
 
+    // MARK: - Source columns
+
+    private func createSourcedTable(_ client: ClickHouseClient, name: String) throws {
+        try client.execute("""
+            CREATE TABLE \(name) (
+                _source_topic String,
+                _source_partition Int32,
+                _source_offset Int64,
+                _source_index UInt32,
+                account String,
+                amount Int64
+            ) ENGINE = ReplacingMergeTree()
+            ORDER BY (_source_topic, _source_partition, _source_offset, _source_index)
+            """)
+    }
+
+    /// Appends one batch as the worker buffers it: three events on partition 0, of which the
+    /// second produced two rows, and one event on partition 1 that shares an offset.
+    private func appendTradeBatch(to buffer: ClickHouseBuffer, table: String) {
+        let rows: [(RowSource, String)] = [
+            (RowSource(topic: "trades", partition: 0, offset: 10, index: 0),
+             #"{"account":"a","amount":5}"#),
+            (RowSource(topic: "trades", partition: 0, offset: 11, index: 0),
+             #"{"account":"a","amount":7}"#),
+            (RowSource(topic: "trades", partition: 0, offset: 11, index: 1),
+             #"{"account":"b","amount":7}"#),
+            (RowSource(topic: "trades", partition: 1, offset: 10, index: 0),
+             #"{"account":"b","amount":11}"#),
+        ]
+        for (source, text) in rows {
+            buffer.append(table: table, row: row(text), source: source, nowMs: 0)
+        }
+    }
+
+    private func insertDrained(_ buffer: ClickHouseBuffer, into client: ClickHouseClient)
+        throws
+    {
+        for entry in buffer.drainTables() {
+            try client.insert(table: entry.table, rows: entry.rows, sources: entry.sources)
+        }
+    }
+
+    func testReplayedBatchCountsOnceWithFinal() throws {
+        let client = try makeClient()
+        try createSourcedTable(client, name: "trades_replayed")
+        // Stopped merges keep both inserts as separate parts until OPTIMIZE below.
+        try client.execute("SYSTEM STOP MERGES trades_replayed")
+        let buffer = ClickHouseBuffer(flushRows: 100, flushBytes: 1 << 20, flushIntervalMs: 1_000)
+
+        appendTradeBatch(to: buffer, table: "trades_replayed")
+        try insertDrained(buffer, into: client)
+        appendTradeBatch(to: buffer, table: "trades_replayed")
+        try insertDrained(buffer, into: client)
+
+        let physical = try client.select("SELECT count() AS rows FROM trades_replayed")
+        XCTAssertEqual(text(physical), [#"{"rows":8}"#], "both inserts are stored until a merge")
+        let final = try client.select(
+            "SELECT count() AS rows, sum(amount) AS total FROM trades_replayed FINAL")
+        XCTAssertEqual(text(final), [#"{"rows":4,"total":30}"#])
+        let grouped = try client.select("""
+            SELECT sum(amount) AS total FROM (
+                SELECT any(amount) AS amount FROM trades_replayed
+                GROUP BY _source_topic, _source_partition, _source_offset, _source_index)
+            """)
+        XCTAssertEqual(text(grouped), [#"{"total":30}"#])
+        let stored = try client.select("""
+            SELECT _source_topic AS t, _source_partition AS p, _source_offset AS o,
+                _source_index AS i, account FROM trades_replayed FINAL ORDER BY p, o, i
+            """)
+        XCTAssertEqual(text(stored), [
+            #"{"t":"trades","p":0,"o":10,"i":0,"account":"a"}"#,
+            #"{"t":"trades","p":0,"o":11,"i":0,"account":"a"}"#,
+            #"{"t":"trades","p":0,"o":11,"i":1,"account":"b"}"#,
+            #"{"t":"trades","p":1,"o":10,"i":0,"account":"b"}"#,
+        ])
+
+        try client.execute("SYSTEM START MERGES trades_replayed")
+        try client.execute("OPTIMIZE TABLE trades_replayed FINAL")
+        let merged = try client.select("SELECT count() AS rows FROM trades_replayed")
+        XCTAssertEqual(text(merged), [#"{"rows":4}"#], "a merge keeps one row per source")
+        XCTAssertEqual(client.columnLookups, 1, "the columns are looked up once per table")
+    }
+
+    func testTableWithoutSourceColumnsGetsRowsUnchanged() throws {
+        let client = try makeClient()
+        try createEventsTable(client, name: "events_natural_key")
+        let rows = [
+            row(#"{"id":1,"name":"a","amount":3,"version":1}"#),
+            row(#"{"id":2,"name":"b","amount":4,"version":1}"#),
+        ]
+        let sources = [
+            RowSource(topic: "events", partition: 0, offset: 1, index: 0),
+            RowSource(topic: "events", partition: 0, offset: 2, index: 0),
+        ]
+
+        try client.insert(table: "events_natural_key", rows: rows, sources: sources)
+        try client.insert(table: "events_natural_key", rows: rows, sources: sources)
+
+        let final = try client.select(
+            "SELECT id, name, amount, version FROM events_natural_key FINAL ORDER BY id")
+        XCTAssertEqual(text(final), text(rows))
+        XCTAssertEqual(client.columnLookups, 1)
+    }
+
+    func testSourceColumnsAddedLaterNeedForgetSchemas() throws {
+        let client = try makeClient()
+        try client.execute("CREATE TABLE late_sources (id Int64) ENGINE = MergeTree ORDER BY id")
+        let source = RowSource(topic: "trades", partition: 2, offset: 12, index: 0)
+        try client.insert(table: "late_sources", rows: [row(#"{"id":1}"#)], sources: [source])
+
+        try client.execute("""
+            ALTER TABLE late_sources ADD COLUMN _source_topic String,
+                ADD COLUMN _source_partition Int32, ADD COLUMN _source_offset Int64,
+                ADD COLUMN _source_index UInt32
+            """)
+        try client.insert(table: "late_sources", rows: [row(#"{"id":2}"#)], sources: [source])
+        XCTAssertEqual(client.columnLookups, 1, "the cached columns stay until forgetSchemas")
+
+        client.forgetSchemas()
+        try client.insert(table: "late_sources", rows: [row(#"{"id":3}"#)], sources: [source])
+
+        XCTAssertEqual(client.columnLookups, 2)
+        let rows = try client.select(
+            "SELECT id, _source_topic AS t, _source_offset AS o FROM late_sources ORDER BY id")
+        XCTAssertEqual(text(rows), [
+            #"{"id":1,"t":"","o":0}"#,
+            #"{"id":2,"t":"","o":0}"#,
+            #"{"id":3,"t":"trades","o":12}"#,
+        ])
+    }
+
+    func testInsertRetriesAfterSourceColumnsDropped() throws {
+        let client = try makeClient()
+        try client.execute("""
+            CREATE TABLE dropped_sources (
+                id Int64,
+                _source_topic String,
+                _source_partition Int32,
+                _source_offset Int64,
+                _source_index UInt32
+            ) ENGINE = MergeTree ORDER BY id
+            """)
+        let source = RowSource(topic: "trades", partition: 0, offset: 5, index: 0)
+        try client.insert(table: "dropped_sources", rows: [row(#"{"id":1}"#)], sources: [source])
+        try client.execute("""
+            ALTER TABLE dropped_sources DROP COLUMN _source_topic,
+                DROP COLUMN _source_partition, DROP COLUMN _source_offset,
+                DROP COLUMN _source_index
+            """)
+
+        try client.insert(table: "dropped_sources", rows: [row(#"{"id":2}"#)], sources: [source])
+
+        XCTAssertEqual(client.columnLookups, 2, "the unknown-column error reloads the columns")
+        let rows = try client.select("SELECT id FROM dropped_sources ORDER BY id")
+        XCTAssertEqual(text(rows), [#"{"id":1}"#, #"{"id":2}"#])
+    }
+
+    func testRowWithSourceKeyIsRejected() throws {
+        let client = try makeClient()
+        try createSourcedTable(client, name: "trades_own_key")
+        let rows = [
+            row(#"{"account":"a","amount":1}"#),
+            row(#"{"account":"b","amount":2,"_source_offset":5}"#),
+        ]
+        let sources = [
+            RowSource(topic: "trades", partition: 0, offset: 5, index: 0),
+            RowSource(topic: "trades", partition: 0, offset: 6, index: 0),
+        ]
+
+        let error = expectError { () throws(ClickHouseError) in
+            try client.insert(table: "trades_own_key", rows: rows, sources: sources)
+        }
+
+        XCTAssertEqual(error?.kind, .invalidRequest)
+        XCTAssertEqual(error?.target, "insert into trades_own_key")
+        let message = error?.message ?? ""
+        XCTAssertTrue(
+            message.hasPrefix("row 2 of 2 (topic trades partition 0 offset 6 index 0)"), message)
+        XCTAssertTrue(message.contains(#"already contains the key "_source_offset""#), message)
+        let count = try client.select("SELECT count() AS rows FROM trades_own_key")
+        XCTAssertEqual(text(count), [#"{"rows":0}"#], "no row of a rejected insert is sent")
+    }
+
+    func testRowWithoutSourceNeedsSourceKeys() throws {
+        let client = try makeClient()
+        try createSourcedTable(client, name: "trades_no_source")
+
+        let error = expectError { () throws(ClickHouseError) in
+            try client.insert(table: "trades_no_source", rows: [row(#"{"account":"a"}"#)])
+        }
+
+        XCTAssertEqual(error?.kind, .invalidRequest)
+        let message = error?.message ?? ""
+        XCTAssertTrue(message.hasPrefix("row 1 of 1 (no source) lacks _source_topic, "
+            + "_source_partition, _source_offset, _source_index"), message)
+
+        let complete = row(#"{"_source_topic":"trades","_source_partition":0,"#
+            + #""_source_offset":3,"_source_index":0,"account":"a","amount":1}"#)
+        try client.insert(table: "trades_no_source", rows: [complete])
+        let stored = try client.select("SELECT _source_offset AS o FROM trades_no_source")
+        XCTAssertEqual(text(stored), [#"{"o":3}"#])
+    }
+
+    func testPartialSourceColumnsAreRejected() throws {
+        let client = try makeClient()
+        try client.execute("""
+            CREATE TABLE partial_sources (id Int64, _source_offset Int64)
+            ENGINE = MergeTree ORDER BY id
+            """)
+        let source = RowSource(topic: "trades", partition: 0, offset: 1, index: 0)
+
+        let error = expectError { () throws(ClickHouseError) in
+            try client.insert(table: "partial_sources", rows: [row(#"{"id":1}"#)], sources: [source])
+        }
+
+        XCTAssertEqual(error?.kind, .invalidRequest)
+        XCTAssertEqual(error?.target, "insert into partial_sources")
+        XCTAssertEqual(
+            error?.message,
+            "table partial_sources has the source columns _source_offset but lacks "
+                + "_source_topic, _source_partition, _source_index; declare all four "
+                + "(_source_topic String, _source_partition Int32, _source_offset Int64, "
+                + "_source_index UInt32) or none")
+    }
+
+    func testSourceCountMismatchIsNotSent() throws {
+        let client = try makeClient()
+
+        let error = expectError { () throws(ClickHouseError) in
+            try client.insert(table: "events", rows: [row("{}"), row("{}")], sources: [nil])
+        }
+
+        XCTAssertEqual(error?.kind, .invalidRequest)
+        XCTAssertEqual(error?.message, "got 2 rows but 1 sources: expected one source, or nil, per row")
+        XCTAssertEqual(client.connectionsOpened, 0)
+    }
+
     // MARK: - Unreachable servers (no ClickHouse needed)
 
     func testClosedPortIsUnreachableQuickly() throws {
@@ -438,6 +675,164 @@ final class ClickHouseClientTests: XCTestCase {
         XCTAssertEqual(ClickHouseClient.URLQuery.encode("a&b=c/é~_.-"), "a%26b%3Dc%2F%C3%A9~_.-")
     }
 
+    // MARK: - Source columns without a server
+
+    func testObjectKeyScan() throws {
+        let cases: [(String, Int, [String])] = [
+            ("{}", 0, []),
+            (#"  {"a":1}"#, 2, ["a"]),
+            (#"{ "k" : "v" , "l" : 2 }"#, 0, ["k", "l"]),
+            (#"{"a":{"_source_offset":1},"b":[1,"}",{"c":2}],"d":"x\"}y","e":null,"f":-1.5e3}"#,
+             0, ["a", "b", "d", "e", "f"]),
+            (#"{"\u005fsource_offset":7}"#, 0, ["_source_offset"]),
+        ]
+        for (json, brace, keys) in cases {
+            let scanned = try JSONObjectKeys(scanning: row(json))
+            XCTAssertEqual(scanned.openingBrace, brace, json)
+            XCTAssertEqual(scanned.keys, keys, json)
+        }
+    }
+
+    func testObjectKeyScanRejectsNonObjects() {
+        let cases = ["", "[1]", #"{"a"}"#, #"{"a":1"#, #"{"a":"x"#, #"{"a":1,}"#, #"{"a":}"#,
+                     #"{"a":[1,2}"#, "{a:1}"]
+        for json in cases {
+            do throws(SourceRowError) {
+                _ = try JSONObjectKeys(scanning: row(json))
+                XCTFail("\(json): expected a SourceRowError")
+            } catch {
+                XCTAssertTrue(error.reason.hasPrefix("is not a JSON object: "), error.reason)
+            }
+        }
+    }
+
+    func testInsertBodyWritesSourceAfterBrace() throws {
+        let types = ClickHouseClient.SourceColumnTypes(
+            partition: .int32, offset: .int64, index: .uint32)
+        let source = RowSource(topic: #"odd "topic"\"#, partition: 3, offset: 42, index: 1)
+        let keys = #""_source_topic":"odd \"topic\"\\","_source_partition":3,"#
+            + #""_source_offset":42,"_source_index":1"#
+
+        let body = try ClickHouseClient.insertBody(
+            rows: [row(#"{"a":1}"#), row(" { }"), row(#"{"id":2}"#)],
+            sources: [source, source, source], columns: .present(types),
+            target: "insert into t")
+
+        let lines = text([body])[0].split(separator: "\n").map(String.init)
+        XCTAssertEqual(lines, [
+            "{" + keys + #","a":1}"#,
+            " {" + keys + " }",
+            "{" + keys + #","id":2}"#,
+        ])
+        XCTAssertEqual(body.last, UInt8(ascii: "\n"))
+    }
+
+    func testInsertBodyLeavesRowsWithoutSourceColumns() throws {
+        let rows = [row(#"{"a":1}"#), row("not even JSON")]
+        let source = RowSource(topic: "t", partition: 0, offset: 0, index: 0)
+
+        let body = try ClickHouseClient.insertBody(
+            rows: rows, sources: [source, nil], columns: .absent, target: "insert into t")
+
+        XCTAssertEqual(text([body]), ["{\"a\":1}\nnot even JSON\n"])
+    }
+
+    func testInsertBodyRejectsSourceOutsideColumnType() {
+        let cases: [(ClickHouseClient.SourceColumnTypes, RowSource, String)] = [
+            (ClickHouseClient.SourceColumnTypes(partition: .uint32, offset: .int64, index: .uint32),
+             RowSource(topic: "t", partition: -1, offset: 0, index: 0),
+             "has _source_partition -1, which does not fit the column type UInt32"),
+            (ClickHouseClient.SourceColumnTypes(partition: .int32, offset: .uint64, index: .uint32),
+             RowSource(topic: "t", partition: 0, offset: -5, index: 0),
+             "has _source_offset -5, which does not fit the column type UInt64"),
+            (ClickHouseClient.SourceColumnTypes(partition: .int32, offset: .int64, index: .int32),
+             RowSource(topic: "t", partition: 0, offset: 0, index: Int(Int32.max) + 1),
+             "has _source_index 2147483648, which does not fit the column type Int32"),
+        ]
+        for (types, source, reason) in cases {
+            let error = expectError { () throws(ClickHouseError) in
+                _ = try ClickHouseClient.insertBody(
+                    rows: [row("{}")], sources: [source], columns: .present(types),
+                    target: "insert into t")
+            }
+            XCTAssertEqual(error?.kind, .invalidRequest, reason)
+            XCTAssertEqual(error?.message, "row 1 of 1 (\(source)) \(reason)")
+        }
+    }
+
+    func testSourceColumnsFromDescribeOutput() throws {
+        func describe(_ columns: [(String, String, String)]) -> [[UInt8]] {
+            columns.map { name, type, defaultKind in
+                row(#"{"name":"\#(name)","type":"\#(type)","default_type":"\#(defaultKind)","#
+                    + #""default_expression":"","comment_expression":""}"#)
+            }
+        }
+        let complete = [
+            ("_source_topic", "String", ""), ("_source_partition", "Int32", ""),
+            ("_source_offset", "UInt64", ""), ("_source_index", "UInt32", ""),
+            ("amount", "Int64", "DEFAULT"),
+        ]
+
+        XCTAssertEqual(
+            try ClickHouseClient.SourceColumns(
+                describeOutput: describe([("id", "Int64", "")]), table: "t", target: "insert into t"),
+            .absent)
+        XCTAssertEqual(
+            try ClickHouseClient.SourceColumns(
+                describeOutput: describe(complete), table: "t", target: "insert into t"),
+            .present(ClickHouseClient.SourceColumnTypes(
+                partition: .int32, offset: .uint64, index: .uint32)))
+    }
+
+    func testInvalidSourceColumnsAreRejected() {
+        func describe(_ changed: (String, String, String)) -> [[UInt8]] {
+            var columns = [
+                ("_source_topic", "String", ""), ("_source_partition", "Int32", ""),
+                ("_source_offset", "Int64", ""), ("_source_index", "UInt32", ""),
+            ]
+            columns.removeAll { $0.0 == changed.0 }
+            if !changed.1.isEmpty { columns.append(changed) }
+            return columns.map { name, type, defaultKind in
+                row(#"{"name":"\#(name)","type":"\#(type)","default_type":"\#(defaultKind)"}"#)
+            }
+        }
+        let cases: [((String, String, String), String)] = [
+            (("_source_index", "", ""),
+             "table t has the source columns _source_topic, _source_partition, _source_offset "
+                + "but lacks _source_index; declare all four (_source_topic String, "
+                + "_source_partition Int32, _source_offset Int64, _source_index UInt32) or none"),
+            (("_source_partition", "UInt16", ""),
+             "column _source_partition of table t has type UInt16; expected one of Int32, "
+                + "Int64, UInt32, UInt64"),
+            (("_source_offset", "Int32", ""),
+             "column _source_offset of table t has type Int32; expected one of Int64, UInt64"),
+            (("_source_topic", "Nullable(String)", ""),
+             "column _source_topic of table t has type Nullable(String); expected String or "
+                + "LowCardinality(String)"),
+            (("_source_offset", "Int64", "MATERIALIZED"),
+             "column _source_offset of table t is MATERIALIZED, so an insert cannot set it; "
+                + "declare it as an ordinary column"),
+        ]
+        for (changed, message) in cases {
+            let error = expectError { () throws(ClickHouseError) in
+                _ = try ClickHouseClient.SourceColumns(
+                    describeOutput: describe(changed), table: "t", target: "insert into t")
+            }
+            XCTAssertEqual(error?.kind, .invalidRequest, message)
+            XCTAssertEqual(error?.message, message)
+        }
+    }
+
+    func testUnreadableDescribeOutputIsRejected() {
+        let error = expectError { () throws(ClickHouseError) in
+            _ = try ClickHouseClient.SourceColumns(
+                describeOutput: [self.row("id\tInt64")], table: "t", target: "insert into t")
+        }
+
+        XCTAssertEqual(error?.kind, .rejected)
+        XCTAssertEqual(error?.message, "unexpected DESCRIBE TABLE t output line: id\tInt64")
+    }
+
     // MARK: - Buffer
 
     func testBufferDueWhenOneTableReachesRowLimit() {
@@ -499,6 +894,32 @@ final class ClickHouseClientTests: XCTestCase {
         XCTAssertEqual(buffer.byteCount, 0)
         XCTAssertEqual(buffer.tableCount, 0)
         XCTAssertNil(buffer.dueReason(nowMs: 10_000), "a drained buffer restarts its age")
+    }
+
+    func testBufferDrainTablesKeepsSources() {
+        let buffer = ClickHouseBuffer(flushRows: 10, flushBytes: 1 << 20, flushIntervalMs: 500)
+        let first = RowSource(topic: "trades", partition: 1, offset: 7, index: 0)
+        let second = RowSource(topic: "trades", partition: 1, offset: 7, index: 1)
+        buffer.append(table: "b", row: row("1"), source: first, nowMs: 0)
+        buffer.append(table: "a", row: row("2"), nowMs: 0)
+        buffer.append(table: "b", row: row("3"), source: second, nowMs: 0)
+        buffer.append(table: "b", row: row("4"), source: nil, nowMs: 0)
+
+        let drained = buffer.drainTables()
+
+        XCTAssertEqual(drained, [
+            ClickHouseBuffer.TableRows(
+                table: "b", rows: [row("1"), row("3"), row("4")], sources: [first, second, nil]),
+            ClickHouseBuffer.TableRows(table: "a", rows: [row("2")], sources: [nil]),
+        ])
+        XCTAssertTrue(buffer.isEmpty)
+        XCTAssertEqual(buffer.byteCount, 0)
+    }
+
+    func testRowSourceDescription() {
+        let source = RowSource(topic: "trades", partition: 2, offset: 1041, index: 3)
+
+        XCTAssertEqual("\(source)", "topic trades partition 2 offset 1041 index 3")
     }
 
     func testBufferDefaultClockIsMonotonic() {

@@ -41,6 +41,7 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(config.kafka.groupID, "projection-service")
         XCTAssertEqual(config.kafka.aggregatedTopic, "aggregation.bars.v1")
         XCTAssertEqual(config.kafka.invalidationTopic, "projection.invalidation.v1")
+        XCTAssertEqual(config.kafka.deadLetterTopic, "{topic}.dlq")
         XCTAssertEqual(config.kafka.pollBatch, 500)
         XCTAssertEqual(config.kafka.pollTimeoutMs, 100)
         XCTAssertEqual(config.kafka.properties, [:])
@@ -83,6 +84,7 @@ final class ConfigTests: XCTestCase {
             "DATA_PROC_KAFKA_GROUP_ID": "projections-blue",
             "DATA_PROC_PROJECTION_AGGREGATED_TOPIC": "bars.v2",
             "DATA_PROC_PROJECTION_INVALIDATION_TOPIC": "invalidation.v2",
+            "DATA_PROC_DEAD_LETTER_TOPIC": "dead.{topic}",
             "DATA_PROC_KAFKA_POLL_BATCH": "250",
             "DATA_PROC_KAFKA_POLL_TIMEOUT_MS": "50",
             "DATA_PROC_CLICKHOUSE_HOST": "clickhouse.internal",
@@ -122,6 +124,7 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(config.kafka.groupID, "projections-blue")
         XCTAssertEqual(config.kafka.aggregatedTopic, "bars.v2")
         XCTAssertEqual(config.kafka.invalidationTopic, "invalidation.v2")
+        XCTAssertEqual(config.kafka.deadLetterTopic, "dead.{topic}")
         XCTAssertEqual(config.kafka.pollBatch, 250)
         XCTAssertEqual(config.kafka.pollTimeoutMs, 50)
         XCTAssertEqual(config.clickhouse.host, "clickhouse.internal")

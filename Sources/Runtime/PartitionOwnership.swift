@@ -1,0 +1,145 @@
+import Foundation
+
+/// Which partitions this process owns in Redis, where each owned partition resumes, and the
+/// fence that keeps a process that lost a partition from writing after the new owner started.
+///
+/// Kafka's group decides ownership; this mirrors it in Redis so that a transaction can check
+/// it. On first use of a partition after an assignment, the worker claims it (HSET of its
+/// token into the owners hash) and reads the offset stored with the last applied batch. Every
+/// batch transaction then runs under WATCH of the owners hash after checking that the tokens
+/// are still ours: a new owner's claim makes EXEC fail instead of writing.
+final class PartitionOwnership {
+    private let connection: RedisConnection
+    private let offsets: RedisOffsetStore
+    private let ownersKey: [UInt8]
+    /// Identifies this process's current claims.
+    let token: String
+
+    /// Partitions claimed since their assignment, with the offset to resume from (nil when no
+    /// batch of them was ever applied: the consumer's own position is right).
+    private(set) var resumeOffsets: [TopicPartition: Int64?] = [:]
+    /// Partitions another process claimed after us; their events are not handled until the
+    /// next assignment.
+    private(set) var fenced: Set<TopicPartition> = []
+
+    init(connection: RedisConnection, offsets: RedisOffsetStore, namespace: String) {
+        self.connection = connection
+        self.offsets = offsets
+        // Same hash tag as the offsets and state, so the check and the batch share one slot.
+        self.ownersKey = Array("prt:owners:\(RedisStateKeys.hashTag(namespace))".utf8)
+        self.token = "\(ProcessInfo.processInfo.hostName)/\(getpid())/\(UInt32.random(in: 0...UInt32.max))"
+    }
+
+    func isClaimed(_ partition: TopicPartition) -> Bool {
+        resumeOffsets[partition] != nil
+    }
+
+    /// Claims `partitions` and reads where each resumes.
+    func claim(_ partitions: [TopicPartition]) throws(RedisError) {
+        guard !partitions.isEmpty else { return }
+        var claim: [[UInt8]] = [Array("HSET".utf8), ownersKey]
+        for partition in partitions {
+            claim.append(Array(Self.field(partition).utf8))
+            claim.append(Array(token.utf8))
+        }
+        _ = try connection.command(claim)
+        let stored = try offsets.storedOffsets(partitions)
+        for partition in partitions {
+            resumeOffsets[partition] = .some(stored[partition])
+            fenced.remove(partition)
+        }
+    }
+
+    /// Forgets claims of partitions that were revoked (or of all, when `partitions` is nil).
+    func release(_ partitions: [TopicPartition]?) {
+        guard let partitions else {
+            resumeOffsets.removeAll()
+            fenced.removeAll()
+            return
+        }
+        for partition in partitions {
+            resumeOffsets[partition] = nil
+            fenced.remove(partition)
+        }
+    }
+
+    /// Whether the event at `offset` was already applied by an earlier batch.
+    func isApplied(_ partition: TopicPartition, offset: Int64) -> Bool {
+        guard let resume = resumeOffsets[partition], let resume else { return false }
+        return offset < resume
+    }
+
+    /// Records where a partition stands after its batch was applied.
+    func advance(_ nextOffsets: [TopicPartition: Int64]) {
+        for (partition, offset) in nextOffsets where resumeOffsets[partition] != nil {
+            resumeOffsets[partition] = .some(offset)
+        }
+    }
+
+    /// Runs `commands` in one MULTI/EXEC if this process still owns every partition in
+    /// `partitions`; throws `FencedError` naming the partitions it lost.
+    func fencedTransaction(_ commands: [RedisCommand], partitions: [TopicPartition]) throws -> [RedisReply] {
+        _ = try connection.command([Array("WATCH".utf8), ownersKey])
+        let lost = try lostPartitions(partitions)
+        if !lost.isEmpty {
+            _ = try? connection.command([Array("UNWATCH".utf8)])
+            fenced.formUnion(lost)
+            throw FencedError(partitions: lost)
+        }
+        let result: Result<[RedisReply], RedisError> = Result { () throws(RedisError) in
+            try connection.transaction(commands)
+        }
+        switch result {
+        case .success(let replies):
+            return replies
+        case .failure(let error) where error.kind == .transactionAborted:
+            // EXEC returned nil: the owners hash changed after WATCH, so someone claimed one of
+            // the partitions in between.
+            fenced.formUnion(partitions)
+            throw FencedError(partitions: partitions)
+        case .failure(let error):
+            throw error
+        }
+    }
+
+    /// The partitions whose owner field no longer holds this process's token.
+    private func lostPartitions(_ partitions: [TopicPartition]) throws(RedisError) -> [TopicPartition] {
+        let fields = partitions.map { Array(Self.field($0).utf8) }
+        let reply = try connection.command([Array("HMGET".utf8), ownersKey] + fields)
+        guard case .array(let owners) = reply else { return partitions }
+        let mine = RedisReply.string(Array(token.utf8))
+        var lost: [TopicPartition] = []
+        for index in partitions.indices where index >= owners.count || owners[index] != mine {
+            lost.append(partitions[index])
+        }
+        return lost
+    }
+
+    /// The HSET of the next offsets that goes into a batch's transaction.
+    func offsetsCommand(_ nextOffsets: [TopicPartition: Int64]) -> RedisCommand {
+        offsets.command(for: nextOffsets)
+    }
+
+    /// Whether Redis already holds the effects up to `nextOffsets`: after a transaction whose
+    /// reply was lost, this tells an applied batch from one that never ran.
+    func alreadyApplied(_ nextOffsets: [TopicPartition: Int64]) throws(RedisError) -> Bool {
+        let stored = try offsets.storedOffsets(Array(nextOffsets.keys))
+        return nextOffsets.allSatisfy { partition, next in (stored[partition] ?? -1) >= next }
+    }
+
+    static func field(_ partition: TopicPartition) -> String {
+        "\(partition.topic)/\(partition.partition)"
+    }
+}
+
+@available(*, unavailable)
+extension PartitionOwnership: Sendable {}
+
+/// Another process claimed partitions this one was about to write.
+struct FencedError: Error, CustomStringConvertible {
+    var partitions: [TopicPartition]
+
+    var description: String {
+        "another process owns \(partitions.map(\.description).joined(separator: ", ")) now; the batch is abandoned"
+    }
+}
