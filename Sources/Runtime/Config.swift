@@ -20,6 +20,9 @@ public struct RuntimeConfig: Sendable, Equatable {
     public var limits = Limits()
     /// Time a graceful shutdown may take, in milliseconds.
     public var shutdownTimeoutMs = 0
+    /// Worker threads, each a member of the consumer group with its own partitions; 0 means
+    /// one per processor core.
+    public var workers = 0
 
     /// The source of each setting's value, by YAML key (`redis.port`).
     public internal(set) var sources: [String: SettingSource] = [:]
@@ -537,6 +540,10 @@ extension RuntimeConfig {
                     .integer(\.limits.jsonMaxDepth, positive), default: "64",
                     help: "Deepest nesting of arrays and objects the JSON decoder accepts."),
 
+        SettingSpec("workers", env: "DATA_PROC_WORKERS",
+                    .integer(\.workers, 0...256), default: "0",
+                    help: "Worker threads, each a consumer-group member owning its partitions and Lua "
+                        + "states, where 0 means one per processor core."),
         SettingSpec("shutdownTimeoutMs", env: "DATA_PROC_SHUTDOWN_TIMEOUT_MS",
                     .milliseconds(\.shutdownTimeoutMs, positive), default: "20000",
                     help: "Time a graceful shutdown may take after SIGTERM or SIGINT, in milliseconds."),

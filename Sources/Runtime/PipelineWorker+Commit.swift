@@ -78,11 +78,11 @@ extension PipelineWorker {
                 try clickhouse.insert(table: table, rows: rows, sources: tableRows.sources)
             } catch {
                 metrics.recordClickHouseFlush(table: table, rows: 0, seconds: elapsed(since: started), failed: true)
-                control.update { $0.clickhouseReachable = false; $0.clickhouseError = "\(error)" }
+                control.update(worker: index) { $0.clickhouseReachable = false; $0.clickhouseError = "\(error)" }
                 throw CommitFailure(sink: "ClickHouse", error: error)
             }
             metrics.recordClickHouseFlush(table: table, rows: rows.count, seconds: elapsed(since: started), failed: false)
-            control.update { $0.clickhouseReachable = true; $0.clickhouseError = nil }
+            control.update(worker: index) { $0.clickhouseReachable = true; $0.clickhouseError = nil }
             unit.insertedTables.insert(table)
         }
     }
@@ -107,13 +107,13 @@ extension PipelineWorker {
             }
             let replies = try ownership.fencedTransaction(commands, partitions: unit.partitions)
             metrics.recordRedisFlush(seconds: elapsed(since: started), failed: false)
-            control.update { $0.redisReachable = true; $0.redisError = nil }
+            control.update(worker: index) { $0.redisReachable = true; $0.redisError = nil }
             reportReplyErrors(replies)
         } catch let fenced as FencedError {
             throw fenced
         } catch {
             metrics.recordRedisFlush(seconds: elapsed(since: started), failed: true)
-            control.update { $0.redisReachable = false; $0.redisError = "\(error)" }
+            control.update(worker: index) { $0.redisReachable = false; $0.redisError = "\(error)" }
             throw CommitFailure(sink: "Redis", error: error)
         }
     }
@@ -176,14 +176,14 @@ extension PipelineWorker {
         outage!.sink = sink
         outage!.error = error
         outage!.retryAt = Date().timeIntervalSince1970 + outage!.backoff.next()
-        control.update { $0.pausedReason = "\(sink) is failing: \(error)" }
+        control.update(worker: index) { $0.pausedReason = "\(sink) is failing: \(error)" }
     }
 
     func leaveOutage() {
         guard let outage else { return }
         self.outage = nil
         try? consumer.resume(consumer.assignment())
-        control.update { $0.pausedReason = nil }
+        control.update(worker: index) { $0.pausedReason = nil }
         Log.shared.info("writes succeed again; consumption resumed", ["sink": .string(outage.sink)])
     }
 
@@ -244,7 +244,7 @@ extension PipelineWorker {
             }
             Log.shared.info("partitions assigned", ["partitions": .int(partitions.count)])
         }
-        control.update { $0.assignedPartitions = consumer.assignment().count }
+        control.update(worker: index) { $0.assignedPartitions = consumer.assignment().count }
     }
 
     func shutDown() {
@@ -257,9 +257,10 @@ extension PipelineWorker {
             commitUnit(deadline: deadline)
         }
         commitKafkaIfDue(force: true)
+        control.finishedCommitting(deadline: deadline)
         consumer.close()
         deadLetters.close()
-        control.update { $0.workerStopped = true; $0.consumerJoined = false }
+        control.update(worker: index) { $0.workerStopped = true; $0.consumerJoined = false }
         Log.shared.info("worker stopped")
     }
 

@@ -14,6 +14,8 @@ import HostAPI
 /// process killed at any point resumes exactly after the last applied transaction.
 final class PipelineWorker {
     let config: RuntimeConfig
+    /// This worker's number, from 0, in logs and in `RuntimeControl`.
+    let index: Int
     let registry: ProjectionRegistry
     let control: RuntimeControl
     let metrics: RuntimeMetrics
@@ -46,8 +48,9 @@ final class PipelineWorker {
         var retryAt: Double
     }
 
-    init(config: RuntimeConfig, registry: ProjectionRegistry, control: RuntimeControl,
+    init(index: Int, config: RuntimeConfig, registry: ProjectionRegistry, control: RuntimeControl,
          metrics: RuntimeMetrics) throws {
+        self.index = index
         self.config = config
         self.registry = registry
         self.control = control
@@ -79,7 +82,7 @@ final class PipelineWorker {
             }
             swapIfReloaded()
             let records = takeRecords()
-            control.update { $0.consumerJoined = consumer.isJoined }
+            control.update(worker: index) { $0.consumerJoined = consumer.isJoined }
             if !records.isEmpty {
                 handleBatch(records)
             }
@@ -239,10 +242,10 @@ final class PipelineWorker {
         do {
             try consumer.subscribe(topics)
             subscribedTopics = topics
-            control.update { $0.kafkaError = nil }
+            control.update(worker: index) { $0.kafkaError = nil }
             Log.shared.info("subscribed", ["topics": .string(topics.joined(separator: ","))])
         } catch {
-            control.update { $0.kafkaError = "\(error)" }
+            control.update(worker: index) { $0.kafkaError = "\(error)" }
             Log.shared.error("Kafka subscribe failed", ["error": .string("\(error)")])
         }
     }
@@ -251,7 +254,7 @@ final class PipelineWorker {
     /// `/ready` turns 200 when Redis comes up even if no event arrives.
     private func probeRedisIfUnreachable() {
         let now = Date().timeIntervalSince1970
-        guard !control.snapshot.redisReachable, now - lastRedisProbe >= 1 else { return }
+        guard !control.health(worker: index).redisReachable, now - lastRedisProbe >= 1 else { return }
         lastRedisProbe = now
         connectRedis()
     }
@@ -260,9 +263,9 @@ final class PipelineWorker {
         do {
             try redis.ensureConnected(deadline: Date().timeIntervalSince1970 + 1)
             _ = try redis.command([Array("PING".utf8)])
-            control.update { $0.redisReachable = true; $0.redisError = nil }
+            control.update(worker: index) { $0.redisReachable = true; $0.redisError = nil }
         } catch {
-            control.update { $0.redisReachable = false; $0.redisError = "\(error)" }
+            control.update(worker: index) { $0.redisReachable = false; $0.redisError = "\(error)" }
             Log.shared.warn("Redis is not reachable yet", ["error": .string("\(error)")])
         }
     }

@@ -1,9 +1,11 @@
+import Foundation
 import Synchronization
 
 /// Flags and health facts shared between the worker, the signal thread and the HTTP threads.
 public final class RuntimeControl: Sendable {
     private let stopping = Atomic<Bool>(false)
-    private let health = Mutex(Health())
+    /// One entry per worker thread.
+    private let health: Mutex<[Health]>
 
     /// What `/health` and `/ready` report about the services the worker depends on.
     public struct Health: Sendable {
@@ -20,18 +22,60 @@ public final class RuntimeControl: Sendable {
         public var workerStopped = false
     }
 
-    public init() {}
+    public init(workers: Int = 1) {
+        health = Mutex(Array(repeating: Health(), count: max(workers, 1)))
+    }
 
     public var isStopping: Bool { stopping.load(ordering: .acquiring) }
+
+    private let committedForShutdown = Atomic<Int>(0)
+
+    /// Waits until every worker has made its final commit, or until `deadline` (seconds since
+    /// 1970). A worker that leaves the group starts a rebalance, during which the broker
+    /// rejects the other members' commits, so no worker leaves before all have committed.
+    public func finishedCommitting(deadline: Double) {
+        let workers = health.withLock { $0.count }
+        committedForShutdown.add(1, ordering: .acquiringAndReleasing)
+        while committedForShutdown.load(ordering: .acquiring) < workers,
+              Date().timeIntervalSince1970 < deadline {
+            usleep(5_000)
+        }
+    }
 
     /// Asks the worker to stop fetching, flush, commit and leave the group.
     public func stop() {
         stopping.store(true, ordering: .releasing)
     }
 
-    public var snapshot: Health { health.withLock { $0 } }
+    /// The workers' health combined: joined, reachable and running only when every worker
+    /// is; the first error of any worker.
+    public var snapshot: Health {
+        health.withLock { workers in
+            var combined = Health()
+            combined.consumerJoined = workers.allSatisfy(\.consumerJoined)
+            combined.assignedPartitions = workers.reduce(0) { $0 + $1.assignedPartitions }
+            combined.redisReachable = workers.allSatisfy(\.redisReachable)
+            combined.redisError = workers.lazy.compactMap(\.redisError).first
+            combined.clickhouseReachable = workers.allSatisfy(\.clickhouseReachable)
+            combined.clickhouseError = workers.lazy.compactMap(\.clickhouseError).first
+            combined.kafkaError = workers.lazy.compactMap(\.kafkaError).first
+            combined.pausedReason = workers.lazy.compactMap(\.pausedReason).first
+            combined.workerStopped = workers.contains(where: \.workerStopped)
+            return combined
+        }
+    }
 
-    public func update(_ body: (inout Health) -> Void) {
-        health.withLock { body(&$0) }
+    /// The health entry of worker `worker`.
+    public func health(worker: Int) -> Health {
+        health.withLock { $0.indices.contains(worker) ? $0[worker] : Health() }
+    }
+
+    /// Changes the health entry of worker `worker`.
+    public func update(worker: Int, _ body: (inout Health) -> Void) {
+        health.withLock { workers in
+            if workers.indices.contains(worker) {
+                body(&workers[worker])
+            }
+        }
     }
 }

@@ -13,7 +13,8 @@ public struct ReloadOutcome: Sendable {
 public final class RuntimeService: Sendable {
     private let config: RuntimeConfig
     private let registry: ProjectionRegistry
-    private let control = RuntimeControl()
+    private let control: RuntimeControl
+    private let workerCount: Int
     private let metrics: RuntimeMetrics
     /// Serializes reloads from SIGHUP and from `POST /admin/reload`.
     private let reloadLock = Mutex(())
@@ -23,6 +24,8 @@ public final class RuntimeService: Sendable {
         self.registry = ProjectionRegistry(loader: ProjectionLoader(folder: config.projections.directory,
                                                                     settings: config.hostSettings))
         self.metrics = RuntimeMetrics()
+        self.workerCount = config.workers > 0 ? config.workers : max(ProcessInfo.processInfo.activeProcessorCount, 1)
+        self.control = RuntimeControl(workers: workerCount)
     }
 
     /// Runs until SIGTERM or SIGINT; returns the process exit code.
@@ -56,20 +59,25 @@ public final class RuntimeService: Sendable {
             return 1
         }
 
-        let worker: PipelineWorker
-        do {
-            worker = try PipelineWorker(config: config, registry: registry, control: control, metrics: metrics)
-        } catch {
-            Log.shared.error("cannot create the Kafka consumer", ["error": .string("\(error)")])
-            servers.forEach { $0.stop() }
-            return 1
+        var threads: [WorkerThread] = []
+        for index in 0..<workerCount {
+            do {
+                let worker = try PipelineWorker(index: index, config: config, registry: registry,
+                                                control: control, metrics: metrics)
+                threads.append(WorkerThread(worker: worker, index: index))
+            } catch {
+                Log.shared.error("cannot create a worker", ["worker": .int(index), "error": .string("\(error)")])
+                servers.forEach { $0.stop() }
+                return 1
+            }
         }
-        let workerThread = WorkerThread(worker: worker)
-        workerThread.start()
+        Log.shared.info("starting workers", ["workers": .int(workerCount)])
+        threads.forEach { $0.start() }
 
         signals.wait(control: control) { [self] in _ = reload(trigger: "SIGHUP") }
         Log.shared.info("shutting down", ["timeout_ms": .int(config.shutdownTimeoutMs)])
-        let finished = workerThread.join(timeoutSeconds: Double(config.shutdownTimeoutMs) / 1000 + 2)
+        let deadline = DispatchTime.now() + Double(config.shutdownTimeoutMs) / 1000 + 2
+        let finished = threads.allSatisfy { $0.join(until: deadline) }
         servers.forEach { $0.stop() }
         if !finished {
             Log.shared.error("the worker did not stop in time; exiting without its final commit")
@@ -238,8 +246,11 @@ final class WorkerThread: @unchecked Sendable {
     private var worker: PipelineWorker?
     private let done = DispatchSemaphore(value: 0)
 
-    init(worker: PipelineWorker) {
+    private let index: Int
+
+    init(worker: PipelineWorker, index: Int) {
         self.worker = worker
+        self.index = index
     }
 
     func start() {
@@ -249,13 +260,13 @@ final class WorkerThread: @unchecked Sendable {
             worker.run()
             done.signal()
         }
-        thread.name = "worker"
+        thread.name = "worker-\(index)"
         thread.stackSize = 8 << 20
         thread.start()
     }
 
-    /// Waits for the worker to finish; false when it did not finish in time.
-    func join(timeoutSeconds: Double) -> Bool {
-        done.wait(timeout: .now() + timeoutSeconds) == .success
+    /// Waits for the worker to finish; false when it did not finish by `deadline`.
+    func join(until deadline: DispatchTime) -> Bool {
+        done.wait(timeout: deadline) == .success
     }
 }

@@ -112,6 +112,7 @@ final class ConfigTests: XCTestCase {
             "DATA_PROC_JSON_MAX_BYTES": "2048",
             "DATA_PROC_JSON_MAX_DEPTH": "16",
             "DATA_PROC_SHUTDOWN_TIMEOUT_MS": "30000",
+            "DATA_PROC_WORKERS": "3",
         ]
         let declared = Set(RuntimeConfig.settings.compactMap(\.environmentVariable))
         XCTAssertEqual(Set(environment.keys), declared, "the test must set every declared variable")
@@ -126,6 +127,7 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(config.kafka.invalidationTopic, "invalidation.v2")
         XCTAssertEqual(config.kafka.deadLetterTopic, "dead.{topic}")
         XCTAssertEqual(config.kafka.pollBatch, 250)
+        XCTAssertEqual(config.workers, 3)
         XCTAssertEqual(config.kafka.pollTimeoutMs, 50)
         XCTAssertEqual(config.clickhouse.host, "clickhouse.internal")
         XCTAssertEqual(config.clickhouse.httpPort, 18123)
