@@ -5,7 +5,7 @@ set -euo pipefail
 packages=(
   liblua5.4-dev libssl-dev libjansson-dev lua-cjson
   librdkafka-dev libhiredis-dev libmicrohttpd-dev libcurl4-openssl-dev libyaml-dev
-  redis-server clickhouse-server clickhouse-client kcat
+  redis-server clickhouse-server clickhouse-client kcat curl
 )
 
 missing=()

@@ -87,8 +87,8 @@ extension PipelineWorker {
         }
     }
 
-    /// One MULTI/EXEC: the projections' commands, the keyed-state changes and the offsets,
-    /// under the ownership fence. After a failure whose outcome is unknown (the connection
+    /// Applies one MULTI/EXEC: the projections' commands, the keyed-state changes and the
+    /// offsets, under the ownership fence. After a failure whose outcome is unknown (the connection
     /// broke after EXEC was sent), the stored offsets tell whether it was applied.
     private func applyRedis() throws {
         let started = DispatchTime.now().uptimeNanoseconds
@@ -163,8 +163,9 @@ extension PipelineWorker {
 
     // MARK: - Outages
 
-    /// Pauses every assigned partition and waits for the failing sink, polling meanwhile so the
-    /// consumer stays in its group (max.poll.interval.ms cannot pass) and holds no new messages.
+    /// Pauses every assigned partition and records the failing sink. The loop keeps polling
+    /// meanwhile, so the consumer stays in its group (max.poll.interval.ms cannot pass) and
+    /// fetches no new messages.
     func enterOutage(sink: String, error: String) {
         if outage == nil {
             Log.shared.warn("a write failed; pausing consumption and retrying", [
@@ -187,7 +188,8 @@ extension PipelineWorker {
         Log.shared.info("writes succeed again; consumption resumed", ["sink": .string(outage.sink)])
     }
 
-    /// One step of an outage: poll briefly (serving rebalances), then retry when it is time.
+    /// Runs one step of an outage: polls briefly (serving rebalances), then retries when it is
+    /// time.
     func waitOutOutage() {
         guard let outage else { return }
         let wait = max(0, outage.retryAt - Date().timeIntervalSince1970)

@@ -9,7 +9,7 @@ public struct ReloadOutcome: Sendable {
 }
 
 /// Starts and stops everything of `projection-runtime run`: the projection registry, the
-/// worker thread, both HTTP ports and the signal thread.
+/// worker threads, both HTTP ports and the signal thread.
 public final class RuntimeService: Sendable {
     private let config: RuntimeConfig
     private let registry: ProjectionRegistry
@@ -80,7 +80,7 @@ public final class RuntimeService: Sendable {
         let finished = threads.allSatisfy { $0.join(until: deadline) }
         servers.forEach { $0.stop() }
         if !finished {
-            Log.shared.error("the worker did not stop in time; exiting without its final commit")
+            Log.shared.error("a worker did not stop in time; exiting without its final commit")
             return 1
         }
         Log.shared.info("projection-runtime stopped")
