@@ -79,12 +79,16 @@ wait_for "the dev broker" 10 test -s "$state_dir/broker.out"
 bootstrap=$(head -n 1 "$state_dir/broker.out")
 log "dev broker at $bootstrap"
 
+# One worker: librdkafka's mock cluster holds a rebalance until the session timeout (45 s by
+# default) runs out, so a second group member joining a moment later would delay the start.
 log "starting projection-runtime (logs: $state_dir/runtime.log)"
 DATA_PROC_KAFKA_BOOTSTRAP=$bootstrap \
 DATA_PROC_REDIS_PORT=$redis_port \
 DATA_PROC_CLICKHOUSE_HTTP_PORT=$clickhouse_http_port \
 DATA_PROC_PROJECTION_PORT=$health_port \
 DATA_PROC_INTERNAL_API_PORT=$api_port \
+DATA_PROC_HTTP_BIND=127.0.0.1 \
+DATA_PROC_WORKERS=1 \
   "$binary" run --config examples/config.yaml --projections projections 2>"$state_dir/runtime.log" &
 pids+=($!)
 wait_for "the runtime to be ready (GET /ready)" 30 curl -sf "http://127.0.0.1:$health_port/ready"

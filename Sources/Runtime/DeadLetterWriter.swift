@@ -28,6 +28,9 @@ public final class DeadLetterWriter {
         public static let partition = "x-dead-letter-partition"
         public static let offset = "x-dead-letter-offset"
         public static let timestamp = "x-dead-letter-timestamp-ms"
+        /// The size in bytes of the original value, present when the broker rejected the dead
+        /// letter as too large and it was written again without its value.
+        public static let valueDropped = "x-dead-letter-value-dropped-bytes"
     }
 
     /// The maximum size of the `x-dead-letter-error` value in bytes. A longer error message is
@@ -172,6 +175,10 @@ public final class DeadLetterWriter {
             do {
                 try producer.produce(topic: letter.topic, key: letter.key, value: letter.value,
                                      headers: letter.headers, deliveryId: letter.sequence)
+            } catch where Self.isTooLarge(error) && !letter.valueDropped {
+                // Rejected before sending: write it again at once, without the value.
+                queued[producedCount] = letter.droppingValue(because: error)
+                return error
             } catch {
                 return error
             }
@@ -189,13 +196,22 @@ public final class DeadLetterWriter {
             guard let letter = inFlight.removeValue(forKey: report.deliveryId) else { continue }
             if let error = report.error {
                 failures.append(error)
-                queued.append(letter)
+                // A dead letter too large for the topic would fail forever and stall every
+                // partition, so it goes again with the value left out and its size in a header.
+                let tooLarge = Self.isTooLarge(error) && !letter.valueDropped
+                queued.append(tooLarge ? letter.droppingValue(because: error) : letter)
             }
         }
         if !failures.isEmpty {
             queued.sort { $0.sequence < $1.sequence }
         }
         return failures
+    }
+
+    /// Whether the broker or librdkafka rejected a message for its size (librdkafka uses the
+    /// broker's code for its own `message.max.bytes` check too).
+    static func isTooLarge(_ error: KafkaError) -> Bool {
+        error.code == RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE.rawValue
     }
 
     private func flushError(timeoutMs: Int, failedCount: Int, firstError: KafkaError?) -> KafkaError {
@@ -289,4 +305,19 @@ private struct DeadLetter {
     var key: [UInt8]?
     var value: [UInt8]
     var headers: [(name: String, value: [UInt8]?)]
+    var valueDropped = false
+
+    /// The same dead letter without its value, which the broker rejected as too large.
+    func droppingValue(because error: KafkaError) -> DeadLetter {
+        var smaller = self
+        smaller.value = []
+        smaller.valueDropped = true
+        smaller.headers.append((DeadLetterWriter.Header.valueDropped, Array(String(value.count).utf8)))
+        let offset = headers.last { $0.name == DeadLetterWriter.Header.offset }?.value ?? []
+        Log.shared.error("dead letter too large for its topic; writing it without the event value", [
+            "topic": .string(topic), "kafka.offset": .string(String(decoding: offset, as: UTF8.self)),
+            "value_bytes": .int(value.count), "error": .string(error.message),
+        ])
+        return smaller
+    }
 }

@@ -79,6 +79,7 @@ final class PartitionOwnership {
     /// Runs `commands` in one MULTI/EXEC if this process still owns every partition in
     /// `partitions`; throws `FencedError` naming the partitions it lost.
     func fencedTransaction(_ commands: [RedisCommand], partitions: [TopicPartition]) throws -> [RedisReply] {
+        try reclaimMissing(partitions)
         _ = try connection.command([Array("WATCH".utf8), ownersKey])
         let lost = try lostPartitions(partitions)
         if !lost.isEmpty {
@@ -99,6 +100,23 @@ final class PartitionOwnership {
             throw FencedError(partitions: partitions)
         case .failure(let error):
             throw error
+        }
+    }
+
+    /// Claims again, with HSETNX, partitions whose owner field is gone. Only a Redis that lost
+    /// its data (a restart without persistence, a flush) loses the field; the stored offsets
+    /// went with it, so the effects of earlier batches are gone too.
+    private func reclaimMissing(_ partitions: [TopicPartition]) throws(RedisError) {
+        let fields = partitions.map { Array(Self.field($0).utf8) }
+        guard case .array(let owners) = try connection.command([Array("HMGET".utf8), ownersKey] + fields) else {
+            return
+        }
+        for (index, owner) in owners.enumerated() where owner == .null && index < partitions.count {
+            _ = try connection.command([Array("HSETNX".utf8), ownersKey, fields[index], Array(token.utf8)])
+            Log.shared.error("Redis lost this runtime's partition claim and offsets; claiming the partition again", [
+                "kafka.partition": .string(partitions[index].description),
+                "hint": .string("Redis restarted without persistence or was flushed: effects written before are lost; run Redis with appendonly yes"),
+            ])
         }
     }
 

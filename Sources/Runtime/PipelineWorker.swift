@@ -250,11 +250,12 @@ final class PipelineWorker {
         }
     }
 
-    /// While no write has shown Redis reachable, tries to connect once a second, so that
-    /// `/ready` turns 200 when Redis comes up even if no event arrives.
+    /// Pings Redis every second while it is unreachable and every 5 s otherwise, so that
+    /// `/ready` follows Redis even when no event arrives.
     private func probeRedisIfUnreachable() {
         let now = Date().timeIntervalSince1970
-        guard !control.health(worker: index).redisReachable, now - lastRedisProbe >= 1 else { return }
+        let interval = control.health(worker: index).redisReachable ? 5.0 : 1.0
+        guard now - lastRedisProbe >= interval, outage == nil else { return }
         lastRedisProbe = now
         connectRedis()
     }

@@ -78,7 +78,8 @@ public final class ProjectionRegistry: Sendable {
             }
             for entry in report.entries {
                 switch entry {
-                case .loaded(let name, _, _, _):
+                case .loaded(let name, _, _, _), .unchanged(let name, _, _):
+                    // Unchanged also clears it: the file was restored to the version serving.
                     statuses[name]?.loadError = nil
                 case .failed(let failure, .some):
                     if let name = set.projections.first(where: { $0.code.file == failure.file })?.name {

@@ -229,13 +229,19 @@ final class QueryContext: QueryBackend {
         }
     }
 
+    /// Runs a read; a connection that Redis closed (after a restart) is reopened and the read
+    /// tried once more, since reads are safe to repeat.
     func redis(_ arguments: [[UInt8]]) -> QueryReply {
-        do {
-            try redis.ensureConnected(deadline: Date().timeIntervalSince1970 + 1)
-            return try redis.command(arguments).queryReply
-        } catch {
-            return .error("Redis read failed: \(error)")
+        var lastError: RedisError?
+        for _ in 0..<2 {
+            do {
+                try redis.ensureConnected(deadline: Date().timeIntervalSince1970 + 1)
+                return try redis.command(arguments).queryReply
+            } catch {
+                lastError = error
+            }
         }
+        return .error("Redis read failed: \(lastError.map { "\($0)" } ?? "unknown error")")
     }
 
     func clickhouse(_ sql: String) -> QueryReply {

@@ -46,6 +46,14 @@ public final class RuntimeService: Sendable {
             "clickhouse.host": .string(config.clickhouse.host), "clickhouse.http_port": .int(config.clickhouse.httpPort),
         ])
 
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: config.projections.directory, isDirectory: &isDirectory),
+              isDirectory.boolValue else {
+            Log.shared.error("the projections folder does not exist; set DATA_PROC_PROJECTIONS_DIR or --projections", [
+                "projections.dir": .string(config.projections.directory),
+            ])
+            return 1
+        }
         let initial = reload(trigger: "start")
         if !initial.succeeded {
             Log.shared.warn("some projections failed to load at start; see /health and /projections")

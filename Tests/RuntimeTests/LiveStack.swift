@@ -150,6 +150,9 @@ final class LiveStack {
             environment["DATA_PROC_PROJECTIONS_DIR"] = projectionsFolder.path
             environment["DATA_PROC_HTTP_BIND"] = "127.0.0.1"
             environment["DATA_PROC_SHUTDOWN_TIMEOUT_MS"] = "10000"
+            // One group member per process: the mock cluster holds a rebalance until the
+            // session timeout runs out, so a second worker joining late stalls the start.
+            environment["DATA_PROC_WORKERS"] = "1"
             for (name, value) in overrides {
                 environment[name] = value
             }
