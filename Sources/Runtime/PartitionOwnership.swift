@@ -4,14 +4,18 @@ import Foundation
 /// fence that keeps a process that lost a partition from writing after the new owner started.
 ///
 /// Kafka's group decides ownership; this mirrors it in Redis so that a transaction can check
-/// it. On first use of a partition after an assignment, the worker claims it (HSET of its
-/// token into the owners hash) and reads the offset stored with the last applied batch. Every
-/// batch transaction then runs under WATCH of the owners hash after checking that the tokens
-/// are still ours: a new owner's claim makes EXEC fail instead of writing.
+/// it. On first use of a partition after an assignment, the worker claims it (SET of its token
+/// into the partition's owner key, `prt:owner:{<group>}:<topic>/<partition>`) and reads the
+/// offset stored with the last applied batch. Every batch transaction then runs under WATCH of
+/// the owner keys of its partitions after checking that the tokens are still ours: a new
+/// owner's claim makes EXEC fail instead of writing. Claims of other partitions, by sibling
+/// workers of the same process, touch other keys and abort nothing.
 final class PartitionOwnership {
     private let connection: RedisConnection
     private let offsets: RedisOffsetStore
-    private let ownersKey: [UInt8]
+    /// The prefix of the owner keys, with the group's hash tag so they share a slot with the
+    /// offsets and the state.
+    private let ownerKeyPrefix: String
     /// Identifies this process's current claims.
     let token: String
 
@@ -26,7 +30,7 @@ final class PartitionOwnership {
         self.connection = connection
         self.offsets = offsets
         // Same hash tag as the offsets and state, so the check and the batch share one slot.
-        self.ownersKey = Array("prt:owners:\(RedisStateKeys.hashTag(namespace))".utf8)
+        self.ownerKeyPrefix = "prt:owner:\(RedisStateKeys.hashTag(namespace)):"
         self.token = "\(ProcessInfo.processInfo.hostName)/\(getpid())/\(UInt32.random(in: 0...UInt32.max))"
     }
 
@@ -37,9 +41,9 @@ final class PartitionOwnership {
     /// Claims `partitions` and reads where each resumes.
     func claim(_ partitions: [TopicPartition]) throws(RedisError) {
         guard !partitions.isEmpty else { return }
-        var claim: [[UInt8]] = [Array("HSET".utf8), ownersKey]
+        var claim: [[UInt8]] = [Array("MSET".utf8)]
         for partition in partitions {
-            claim.append(Array(Self.field(partition).utf8))
+            claim.append(ownerKey(partition))
             claim.append(Array(token.utf8))
         }
         _ = try connection.command(claim)
@@ -80,7 +84,7 @@ final class PartitionOwnership {
     /// `partitions`; throws `FencedError` naming the partitions it lost.
     func fencedTransaction(_ commands: [RedisCommand], partitions: [TopicPartition]) throws -> [RedisReply] {
         try reclaimMissing(partitions)
-        _ = try connection.command([Array("WATCH".utf8), ownersKey])
+        _ = try connection.command([Array("WATCH".utf8)] + partitions.map(ownerKey))
         let lost = try lostPartitions(partitions)
         if !lost.isEmpty {
             _ = try? connection.command([Array("UNWATCH".utf8)])
@@ -94,7 +98,7 @@ final class PartitionOwnership {
         case .success(let replies):
             return replies
         case .failure(let error) where error.kind == .transactionAborted:
-            // EXEC returned nil: the owners hash changed after WATCH, so someone claimed one of
+            // EXEC returned nil: an owner key changed after WATCH, so someone claimed one of
             // the partitions in between.
             fenced.formUnion(partitions)
             throw FencedError(partitions: partitions)
@@ -107,12 +111,12 @@ final class PartitionOwnership {
     /// its data (a restart without persistence, a flush) loses the field; the stored offsets
     /// went with it, so the effects of earlier batches are gone too.
     private func reclaimMissing(_ partitions: [TopicPartition]) throws(RedisError) {
-        let fields = partitions.map { Array(Self.field($0).utf8) }
-        guard case .array(let owners) = try connection.command([Array("HMGET".utf8), ownersKey] + fields) else {
+        let keys = partitions.map(ownerKey)
+        guard case .array(let owners) = try connection.command([Array("MGET".utf8)] + keys) else {
             return
         }
         for (index, owner) in owners.enumerated() where owner == .null && index < partitions.count {
-            _ = try connection.command([Array("HSETNX".utf8), ownersKey, fields[index], Array(token.utf8)])
+            _ = try connection.command([Array("SETNX".utf8), keys[index], Array(token.utf8)])
             Log.shared.error("Redis lost this runtime's partition claim and offsets; claiming the partition again", [
                 "kafka.partition": .string(partitions[index].description),
                 "hint": .string("Redis restarted without persistence or was flushed: effects written before are lost; run Redis with appendonly yes"),
@@ -122,8 +126,7 @@ final class PartitionOwnership {
 
     /// The partitions whose owner field no longer holds this process's token.
     private func lostPartitions(_ partitions: [TopicPartition]) throws(RedisError) -> [TopicPartition] {
-        let fields = partitions.map { Array(Self.field($0).utf8) }
-        let reply = try connection.command([Array("HMGET".utf8), ownersKey] + fields)
+        let reply = try connection.command([Array("MGET".utf8)] + partitions.map(ownerKey))
         guard case .array(let owners) = reply else { return partitions }
         let mine = RedisReply.string(Array(token.utf8))
         var lost: [TopicPartition] = []
@@ -143,6 +146,10 @@ final class PartitionOwnership {
     func alreadyApplied(_ nextOffsets: [TopicPartition: Int64]) throws(RedisError) -> Bool {
         let stored = try offsets.storedOffsets(Array(nextOffsets.keys))
         return nextOffsets.allSatisfy { partition, next in (stored[partition] ?? -1) >= next }
+    }
+
+    private func ownerKey(_ partition: TopicPartition) -> [UInt8] {
+        Array((ownerKeyPrefix + Self.field(partition)).utf8)
     }
 
     static func field(_ partition: TopicPartition) -> String {
