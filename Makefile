@@ -1,4 +1,4 @@
-.PHONY: run test build bench clean
+.PHONY: run test build bench benchmark clean
 
 run:
 	scripts/run-local.sh
@@ -11,6 +11,13 @@ build:
 
 bench:
 	swift run -c release host-bench
+
+benchmark:
+	scripts/benchmark.sh
+
+.PHONY: chaos
+chaos:
+	scripts/chaos-test.sh
 
 clean:
 	rm -rf .build

@@ -16,7 +16,7 @@ let mainHelp = """
       projection-runtime run [--config FILE] [options]
       projection-runtime dev-broker --topic NAME:PARTITIONS ...
       projection-runtime check [--config FILE] [--projections DIR]
-      projection-runtime test PATH --events FILE.jsonl [--topic TOPIC]
+      projection-runtime test PATH --events FILE.jsonl [--topic TOPIC] [--redis HOST:PORT[/DB]]
       projection-runtime --help | --version
 
     Commands:
@@ -59,7 +59,7 @@ let checkHelp = """
     """
 
 let testHelp = """
-    Usage: projection-runtime test PATH --events FILE.jsonl [--topic TOPIC]
+    Usage: projection-runtime test PATH --events FILE.jsonl [--topic TOPIC] [--redis HOST:PORT[/DB]]
 
     Runs the events of FILE.jsonl through the projection file PATH (its library folder is
     lib/ beside it) or through every projection of the folder PATH, without Kafka, Redis or
@@ -70,12 +70,17 @@ let testHelp = """
       {"topic": "aggregation.bars.v1", "value": {...}, "key": "...", "partition": 0,
        "offset": 0, "timestamp_ms": 0, "headers": {"name": "value"}}
     A bad line is reported with its line number and the run goes on.
-    Exits 0 when every event was handled, 1 when any line or handler failed.
+    Exits 0 when every event was handled, 1 when any line or handler failed or Redis rejected
+    a command.
 
     Options:
-      --events FILE   the events file (JSON lines)
-      --topic TOPIC   the topic of every line, which then holds a bare payload
-      --help          show this help
+      --events FILE            the events file (JSON lines)
+      --topic TOPIC            the topic of every line, which then holds a bare payload
+      --redis HOST:PORT[/DB]   also apply the Redis commands and script calls of every handled
+                               event, in event order, to this Redis server and database
+                               (default database 0), to inspect the end state; keyed state is
+                               not written there
+      --help                   show this help
     """
 
 enum Command {
@@ -84,7 +89,7 @@ enum Command {
     case run(configFile: String?, flags: [String: String])
     case devBroker(arguments: [String])
     case check(configFile: String?, flags: [String: String])
-    case test(path: String, events: String, topic: String?)
+    case test(path: String, events: String, topic: String?, redis: RedisSettings?)
 
     static func parse(_ arguments: [String]) throws(UsageError) -> Command {
         guard let first = arguments.first else { return .help(mainHelp) }
@@ -125,11 +130,12 @@ enum Command {
                 throw UsageError(message: "test: --events FILE.jsonl is required")
             }
             let topic = try options.value("--topic")
+            let redis = try options.value("--redis").map(Self.redisSettings(parsing:))
             guard let path = options.positional() else {
                 throw UsageError(message: "test: the projection file or folder is missing")
             }
             try options.finish()
-            return .test(path: path, events: events, topic: topic)
+            return .test(path: path, events: events, topic: topic, redis: redis)
         default:
             throw UsageError(message: "unknown command '\(first)'")
         }
@@ -149,9 +155,37 @@ enum Command {
             return DevBroker.runCommand(arguments: arguments)
         case .check(let configFile, let flags):
             return CheckCommand(configFile: configFile, flags: flags).run()
-        case .test(let path, let events, let topic):
-            return try TestCommand(path: path, eventsFile: events, topic: topic).run()
+        case .test(let path, let events, let topic, let redis):
+            return try TestCommand(path: path, eventsFile: events, topic: topic, redis: redis).run()
         }
+    }
+
+    /// Parses the `--redis` value `HOST:PORT` or `HOST:PORT/DB`. The port is the text after
+    /// the last colon, so an IPv6 host needs no brackets.
+    static func redisSettings(parsing text: String) throws(UsageError) -> RedisSettings {
+        let invalid = { (reason: String) in
+            UsageError(message: "test: invalid --redis value '\(text)': \(reason); expected HOST:PORT or HOST:PORT/DB, e.g. 127.0.0.1:6379/0")
+        }
+        var address = Substring(text)
+        var db = 0
+        if let slash = address.lastIndex(of: "/") {
+            guard let number = Int(address[address.index(after: slash)...]), number >= 0 else {
+                throw invalid("the database must be a whole number from 0")
+            }
+            db = number
+            address = address[..<slash]
+        }
+        guard let colon = address.lastIndex(of: ":") else {
+            throw invalid("the port is missing")
+        }
+        let host = String(address[..<colon])
+        guard !host.isEmpty else {
+            throw invalid("the host is missing")
+        }
+        guard let port = Int(address[address.index(after: colon)...]), (1...65535).contains(port) else {
+            throw invalid("the port must be a number from 1 to 65535")
+        }
+        return RedisSettings(host: host, port: port, db: db)
     }
 }
 
