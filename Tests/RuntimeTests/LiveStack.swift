@@ -492,3 +492,34 @@ final class LiveStack {
                           standardError: (try? String(contentsOf: errorFile, encoding: .utf8)) ?? "")
     }
 }
+
+// MARK: - Runtimes with command-line options
+
+extension LiveStack.Workspace {
+    /// Starts `projection-runtime run` followed by `options`, such as `["--config", path]`, and
+    /// otherwise behaves as `startRuntime(environment:waitUntilReady:)`.
+    ///
+    /// `RuntimeProcess` always runs the binary with `run` alone, so this writes a shell script
+    /// into the workspace folder that appends `options` and replaces itself with the runtime
+    /// (`exec`). The process id stays the runtime's, so signals sent to it reach the runtime.
+    func startRuntime(options: [String], environment overrides: [String: String] = [:],
+                      waitUntilReady: Bool = true) throws -> LiveStack.RuntimeProcess {
+        let number = runtimes.count + 1
+        let launcher = folder.appendingPathComponent("runtime-\(number)-launcher.sh")
+        let quoted = ([stack.binary.path] + options).map { "'" + $0.replacingOccurrences(of: "'", with: #"'\''"#) + "'" }
+        let script = "#!/bin/sh\nexec \(quoted[0]) \"$@\" \(quoted.dropFirst().joined(separator: " "))\n"
+        try Data(script.utf8).write(to: launcher)
+        try FileManager.default.setAttributes([.posixPermissions: 0o755], ofItemAtPath: launcher.path)
+
+        let ports = try LocalClickHouse.freePorts(count: 2)
+        let environment = runtimeEnvironment(healthPort: ports[0], apiPort: ports[1], overrides: overrides)
+        let logFile = folder.appendingPathComponent("runtime-\(number).log")
+        let runtime = try LiveStack.RuntimeProcess(binary: launcher, environment: environment,
+                                                   healthPort: ports[0], apiPort: ports[1], logFile: logFile)
+        runtimes.append(runtime)
+        if waitUntilReady {
+            try runtime.waitUntilReady(timeoutSeconds: 30)
+        }
+        return runtime
+    }
+}
