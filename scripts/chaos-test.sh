@@ -303,9 +303,9 @@ next_chunk=1
 for ((cycle = 1; cycle <= kill_count; cycle++)); do
   check_deadline
   # The slices are spread over the cycles, so that the later kills also find events to apply.
-  # A slice comes early when the runtime has applied everything produced so far.
+  # A slice comes early when fewer than 5,000 produced events are left to apply.
   while ((next_chunk <= chunk_count)) &&
-    { (((next_chunk - 1) * kill_count / chunk_count < cycle)) || (($(applied) >= produced)); }; do
+    { (((next_chunk - 1) * kill_count / chunk_count < cycle)) || ((produced - $(applied) < 5000)); }; do
     produce_chunk "$next_chunk"
     next_chunk=$((next_chunk + 1))
   done
