@@ -98,22 +98,31 @@ final class PartitionOwnership {
         case .success(let replies):
             return replies
         case .failure(let error) where error.kind == .transactionAborted:
-            // EXEC returned nil: an owner key changed after WATCH, so someone claimed one of
-            // the partitions in between.
-            fenced.formUnion(partitions)
-            throw FencedError(partitions: partitions)
+            // EXEC failed: either an owner key changed after WATCH (someone claimed one of the
+            // partitions) or Redis rejected a queued command. Only the first is a fence.
+            let lostNow = try lostPartitions(partitions)
+            guard lostNow.isEmpty else {
+                fenced.formUnion(lostNow)
+                throw FencedError(partitions: lostNow)
+            }
+            // NOTE: a command Redis rejects while queuing (a projection's wrong arity, say)
+            // fails every retry, so consumption stays paused, with the command in /ready and
+            // the logs, until the projection is fixed.
+            throw error
         case .failure(let error):
             throw error
         }
     }
 
-    /// Claims again, with HSETNX, partitions whose owner field is gone. Only a Redis that lost
+    /// Claims again, with SETNX, partitions whose owner key is gone. Only a Redis that lost
     /// its data (a restart without persistence, a flush) loses the field; the stored offsets
     /// went with it, so the effects of earlier batches are gone too.
     private func reclaimMissing(_ partitions: [TopicPartition]) throws(RedisError) {
         let keys = partitions.map(ownerKey)
-        guard case .array(let owners) = try connection.command([Array("MGET".utf8)] + keys) else {
-            return
+        let reply = try connection.command([Array("MGET".utf8)] + keys)
+        guard case .array(let owners) = reply else {
+            throw RedisError(kind: .reply, endpoint: connection.endpoint, command: "MGET owner keys",
+                             message: "Redis at \(connection.endpoint) could not read the partition owners: \(reply)")
         }
         for (index, owner) in owners.enumerated() where owner == .null && index < partitions.count {
             _ = try connection.command([Array("SETNX".utf8), keys[index], Array(token.utf8)])
@@ -127,7 +136,11 @@ final class PartitionOwnership {
     /// The partitions whose owner field no longer holds this process's token.
     private func lostPartitions(_ partitions: [TopicPartition]) throws(RedisError) -> [TopicPartition] {
         let reply = try connection.command([Array("MGET".utf8)] + partitions.map(ownerKey))
-        guard case .array(let owners) = reply else { return partitions }
+        guard case .array(let owners) = reply else {
+            // An error reply such as LOADING after a restart says nothing about ownership.
+            throw RedisError(kind: .reply, endpoint: connection.endpoint, command: "MGET owner keys",
+                             message: "Redis at \(connection.endpoint) could not read the partition owners: \(reply)")
+        }
         let mine = RedisReply.string(Array(token.utf8))
         var lost: [TopicPartition] = []
         for index in partitions.indices where index >= owners.count || owners[index] != mine {
