@@ -494,8 +494,8 @@ def verify(args):
         # no other owner exists: every such drop is a false fence, and the runtime skips the
         # partitions' events until their next assignment.
         if fenced:
-            report.problem(f"{fenced} batches were dropped as fenced although no other process owned their "
-                           f"partitions (lines 'partitions were claimed by another process' in {args.runtime_log})")
+            report.problem(f"batches dropped as fenced although no other process owned their partitions: {fenced} "
+                           f"(lines 'partitions were claimed by another process' in {args.runtime_log})")
     table.append(("result", "PASS" if not report.problems else "FAIL"))
     width = max(len(name) for name, _ in table)
     print("chaos test summary")
