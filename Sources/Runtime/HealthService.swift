@@ -32,7 +32,7 @@ final class HealthService: Sendable {
         }
     }
 
-    /// Why the runtime is not ready; empty when it is.
+    /// Returns why the runtime is not ready, or an empty list when it is.
     func notReadyReasons() -> [String] {
         let health = control.snapshot
         var reasons: [String] = []
@@ -71,7 +71,7 @@ final class HealthService: Sendable {
     private func health() -> HTTPResponse {
         let health = control.snapshot
         // Load errors only: a handler error on one event is counted and dead-lettered, and
-        // says nothing about the health of the process.
+        // tells nothing about the health of the process.
         let failures = registry.unloadedFailures + registry.statuses.compactMap(\.loadError)
         var writer = JSONWriter()
         writer.beginObject()

@@ -1,7 +1,7 @@
 import Foundation
 
-/// Which partitions this process owns in Redis, where each owned partition resumes, and the
-/// fence that keeps a process that lost a partition from writing after the new owner started.
+/// The record in Redis of the partitions this process owns, where each resumes, and the fence
+/// that keeps a process that lost a partition from writing after the new owner started.
 ///
 /// Kafka's group decides ownership; this mirrors it in Redis so that a transaction can check
 /// it. On first use of a partition after an assignment, the worker claims it (SET of its token
@@ -67,13 +67,13 @@ final class PartitionOwnership {
         }
     }
 
-    /// Whether the event at `offset` was already applied by an earlier batch.
+    /// Returns whether an earlier batch already applied the event at `offset`.
     func isApplied(_ partition: TopicPartition, offset: Int64) -> Bool {
         guard let resume = resumeOffsets[partition], let resume else { return false }
         return offset < resume
     }
 
-    /// Records where a partition stands after its batch was applied.
+    /// Records the next offset of each partition after its batch was applied.
     func advance(_ nextOffsets: [TopicPartition: Int64]) {
         for (partition, offset) in nextOffsets where resumeOffsets[partition] != nil {
             resumeOffsets[partition] = .some(offset)
@@ -115,8 +115,8 @@ final class PartitionOwnership {
     }
 
     /// Claims again, with SETNX, partitions whose owner key is gone. Only a Redis that lost
-    /// its data (a restart without persistence, a flush) loses the field; the stored offsets
-    /// went with it, so the effects of earlier batches are gone too.
+    /// its data (a restart without persistence, a flush) loses the key. The stored offsets and
+    /// the effects of earlier batches are then gone too.
     private func reclaimMissing(_ partitions: [TopicPartition]) throws(RedisError) {
         let keys = partitions.map(ownerKey)
         let reply = try connection.command([Array("MGET".utf8)] + keys)
@@ -133,11 +133,11 @@ final class PartitionOwnership {
         }
     }
 
-    /// The partitions whose owner field no longer holds this process's token.
+    /// Returns the partitions whose owner key no longer contains this process's token.
     private func lostPartitions(_ partitions: [TopicPartition]) throws(RedisError) -> [TopicPartition] {
         let reply = try connection.command([Array("MGET".utf8)] + partitions.map(ownerKey))
         guard case .array(let owners) = reply else {
-            // An error reply such as LOADING after a restart says nothing about ownership.
+            // An error reply such as LOADING after a restart tells nothing about ownership.
             throw RedisError(kind: .reply, endpoint: connection.endpoint, command: "MGET owner keys",
                              message: "Redis at \(connection.endpoint) could not read the partition owners: \(reply)")
         }
@@ -149,13 +149,13 @@ final class PartitionOwnership {
         return lost
     }
 
-    /// The HSET of the next offsets that goes into a batch's transaction.
+    /// Returns the HSET of the next offsets that goes into a batch's transaction.
     func offsetsCommand(_ nextOffsets: [TopicPartition: Int64]) -> RedisCommand {
         offsets.command(for: nextOffsets)
     }
 
-    /// Whether Redis already holds the effects up to `nextOffsets`: after a transaction whose
-    /// reply was lost, this tells an applied batch from one that never ran.
+    /// Returns whether Redis already contains the effects up to `nextOffsets`. After a
+    /// transaction whose reply was lost, this tells an applied batch from one that never ran.
     func alreadyApplied(_ nextOffsets: [TopicPartition: Int64]) throws(RedisError) -> Bool {
         let stored = try offsets.storedOffsets(Array(nextOffsets.keys))
         return nextOffsets.allSatisfy { partition, next in (stored[partition] ?? -1) >= next }

@@ -10,7 +10,7 @@ import HostAPI
 ///
 /// Each commit unit is written in this order: dead letters (acknowledged), ClickHouse rows,
 /// then one Redis MULTI/EXEC with the projections' commands, the keyed-state changes and the
-/// next offsets, then (throttled) the Kafka commit. Redis holds the authoritative offsets, so a
+/// next offsets, then (throttled) the Kafka commit. Redis contains the authoritative offsets, so a
 /// process killed at any point resumes exactly after the last applied transaction.
 final class PipelineWorker {
     let config: RuntimeConfig
@@ -104,8 +104,8 @@ final class PipelineWorker {
         return consumer.poll(maxMessages: config.kafka.pollBatch, timeoutMs: config.kafka.pollTimeoutMs)
     }
 
-    /// A unit is written when its rows are due, or at once when it has no rows (Redis effects
-    /// then become visible after each batch).
+    /// Returns whether to write the unit now: when its rows are due, or at once when it has no
+    /// rows, so that Redis effects become visible after each batch.
     private func unitIsDue() -> Bool {
         guard !unit.isEmpty || deadLetters.pendingCount > 0 else { return false }
         return buffer.isEmpty || buffer.isDue()

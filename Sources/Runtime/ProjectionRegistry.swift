@@ -2,11 +2,11 @@ import Foundation
 import HostAPI
 import Synchronization
 
-/// The published projection set and what the runtime knows about each projection: status, last
-/// error, counters and how fresh its served data is. Shared by the worker, the reload path and
-/// the HTTP threads; every access takes the lock briefly and copies out.
+/// The published projection set and the runtime's record of each projection: status, last
+/// error, counters and how fresh its served data is. The workers, the reload path and the HTTP
+/// threads share it, and every access takes the lock briefly and copies out.
 public final class ProjectionRegistry: Sendable {
-    /// What `/projections` shows for one projection.
+    /// The entry of one projection in `/projections`.
     public struct Status: Sendable {
         public var name: String
         public var file: String
@@ -14,8 +14,8 @@ public final class ProjectionRegistry: Sendable {
         public var loadedAtMs: Int64
         public var topics: [String]
         public var queries: [String]
-        /// Why the newest reload of this projection's file failed, while its previous version
-        /// keeps serving; nil once a reload of the file succeeds.
+        /// The error of the newest failed reload of this projection's file, while its previous
+        /// version keeps serving. It is nil once a reload of the file succeeds.
         public var loadError: ProjectionFailure?
         /// The last error a handler raised on an event, with when it happened.
         public var lastEventError: ProjectionFailure?
@@ -157,7 +157,7 @@ public final class ProjectionRegistry: Sendable {
     }
 }
 
-/// What a batch did for one projection, reported to the registry after its effects applied.
+/// The progress of one projection in a batch, reported to the registry after its effects applied.
 public struct AppliedProgress: Sendable {
     public var handled: Int64 = 0
     public var failed: Int64 = 0

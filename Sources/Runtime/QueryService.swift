@@ -4,7 +4,7 @@ import Synchronization
 
 /// The internal API (`DATA_PROC_INTERNAL_API_PORT`): projection listing, queries and reload.
 ///
-/// Queries run in Lua states of their own, one set per HTTP thread, never in a worker's; each
+/// Queries run in Lua states of their own, one set per HTTP thread, never in a worker's. Each
 /// HTTP thread also has its own Redis connection and ClickHouse client for the reads.
 final class QueryService: Sendable {
     private let config: RuntimeConfig
@@ -86,8 +86,8 @@ final class QueryService: Sendable {
         return response
     }
 
-    /// Which version answered and how fresh its data is: the offsets and event time whose
-    /// effects were last applied by the worker.
+    /// Returns the version that served the query and how fresh its data is: the offsets and
+    /// event time whose effects the workers applied last.
     private func freshness(projection: String, definition: ProjectionDefinition)
         -> (json: [UInt8], headers: [(String, String)])
     {

@@ -16,7 +16,7 @@ public final class RuntimeControl: Sendable {
         public var clickhouseReachable = true
         public var clickhouseError: String?
         public var kafkaError: String?
-        /// Why consumption is paused (a failing write), or nil while it runs.
+        /// The reason consumption is paused (a failing write), or nil while it runs.
         public var pausedReason: String?
         /// Set once the worker has left its loop.
         public var workerStopped = false
@@ -65,7 +65,7 @@ public final class RuntimeControl: Sendable {
         }
     }
 
-    /// The health entry of worker `worker`.
+    /// Returns the health entry of worker `worker`.
     public func health(worker: Int) -> Health {
         health.withLock { $0.indices.contains(worker) ? $0[worker] : Health() }
     }

@@ -71,11 +71,11 @@ public final class RuntimeMetrics: Sendable {
             labelNames: ["projection", "query", "status"])
         querySeconds = registry.histogram(
             name: "projection_query_duration_seconds",
-            help: "Time to answer one internal API query.",
+            help: "Time to respond to one internal API query.",
             labelNames: ["projection"])
         skipped = registry.counter(
             name: "projection_events_skipped_total",
-            help: "Events not handled again because Redis already holds their effects (replays after a restart or rebalance).",
+            help: "Events not handled again because Redis already contains their effects (replays after a restart or rebalance).",
             labelNames: ["reason"])
         abandoned = registry.counter(
             name: "projection_batches_abandoned_total",
