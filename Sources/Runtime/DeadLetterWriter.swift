@@ -57,7 +57,8 @@ public final class DeadLetterWriter {
     private var nextSequence = 1
 
     /// Creates the producer. `properties` are librdkafka properties set verbatim after
-    /// `defaultProperties`, such as the security settings of the source cluster.
+    /// `defaultProperties`, such as the security settings of the source cluster. Consumer
+    /// properties among them are left out (see `producerProperties(of:)`).
     ///
     /// Throws when the template is empty, is `{topic}` alone (dead letters would go back to the
     /// source topic), or would make topic names with characters that Kafka rejects. A template
@@ -67,9 +68,29 @@ public final class DeadLetterWriter {
                 topicTemplate: String) throws(KafkaError) {
         try Self.validate(topicTemplate: topicTemplate)
         self.topicTemplate = topicTemplate
-        let merged = Self.defaultProperties.merging(properties) { _, caller in caller }
+        let merged = Self.defaultProperties.merging(Self.producerProperties(of: properties)) { _, caller in caller }
         producer = try KafkaProducer(bootstrap: bootstrap, properties: merged)
     }
+
+    /// `properties` without the ones only a consumer reads. `kafka.properties` serves the
+    /// consumer and this producer alike, and librdkafka logs a CONFWARN line for every consumer
+    /// property a producer is given.
+    static func producerProperties(of properties: [String: String]) -> [String: String] {
+        properties.filter { name, _ in
+            !consumerOnlyProperties.contains(name) && !consumerOnlyPrefixes.contains { name.hasPrefix($0) }
+        }
+    }
+
+    /// Consumer properties of librdkafka 2.0 that `consumerOnlyPrefixes` does not cover.
+    private static let consumerOnlyProperties: Set<String> = [
+        "session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy",
+        "coordinator.query.interval.ms", "max.poll.interval.ms", "queued.min.messages",
+        "queued.max.messages.kbytes", "max.partition.fetch.bytes", "isolation.level",
+        "consume.callback.max.messages", "enable.partition.eof", "check.crcs",
+        "offset.store.method", "offset.store.path", "offset.store.sync.interval.ms",
+        "consume_cb", "rebalance_cb", "offset_commit_cb",
+    ]
+    private static let consumerOnlyPrefixes = ["group.", "auto.", "enable.auto.", "fetch."]
 
     /// The number of dead letters not yet acknowledged by the broker: queued, failed or in
     /// flight.

@@ -36,11 +36,17 @@ final class HealthService: Sendable {
     func notReadyReasons() -> [String] {
         let health = control.snapshot
         var reasons: [String] = []
-        if !health.consumerJoined {
-            reasons.append("the Kafka consumer has not joined its group yet" + (health.kafkaError.map { ": \($0)" } ?? ""))
+        // Waiting for the group's first assignment is not a reason: the query API reads Redis
+        // and serves every key whichever partitions this process owns, and a join can take the
+        // broker's initial rebalance delay or longer. /health shows the join.
+        if let error = health.kafkaError {
+            reasons.append("the Kafka subscription failed: \(error)")
+        }
+        if let down = health.brokersDown {
+            reasons.append("no Kafka broker is reachable: \(down)")
         }
         if !health.redisReachable {
-            reasons.append("Redis is not reachable" + (health.redisError.map { ": \($0)" } ?? ""))
+            reasons.append(health.redisError.map { "Redis is not reachable: \($0)" } ?? "Redis is not connected yet")
         }
         if let paused = health.pausedReason {
             reasons.append("consumption is paused: \(paused)")
@@ -79,8 +85,10 @@ final class HealthService: Sendable {
         writer.string(health.workerStopped ? "stopped" : (notReadyReasons().isEmpty && failures.isEmpty ? "ok" : "degraded"))
         writer.field("components")
         writer.beginObject()
-        component("kafka", ok: health.consumerJoined, state: health.consumerJoined ? "joined" : "joining",
-                  error: health.kafkaError, first: true, into: &writer) { writer in
+        let kafkaState = health.brokersDown != nil ? "unreachable" : (health.consumerJoined ? "joined" : "joining")
+        component("kafka", ok: health.brokersDown == nil && health.kafkaError == nil,
+                  state: kafkaState, error: health.kafkaError ?? health.brokersDown, first: true,
+                  into: &writer) { writer in
             writer.field("assigned_partitions")
             writer.integer(health.assignedPartitions)
         }

@@ -59,6 +59,11 @@ public struct KafkaConsumerSettings: Sendable {
     /// fixes that. `init` logs a warning when `properties` selects cooperative-sticky on an
     /// older librdkafka.
     ///
+    /// `queued.max.messages.kbytes` bounds the messages fetched ahead of the handlers, per
+    /// consumer (one per worker). librdkafka's 64 MiB default made up most of the resident
+    /// memory of a consumer catching up on a backlog. 16 MiB is still about 80,000 bars of 200
+    /// bytes, seconds of work.
+    ///
     /// NOTE: overriding `enable.auto.commit` or `enable.auto.offset.store` with `true` makes
     /// librdkafka commit offsets of messages that were only fetched, not handled.
     public static let defaultProperties: [(name: String, value: String)] = [
@@ -66,6 +71,7 @@ public struct KafkaConsumerSettings: Sendable {
         ("enable.auto.offset.store", "false"),
         ("auto.offset.reset", "earliest"),
         ("partition.assignment.strategy", "range,roundrobin"),
+        ("queued.max.messages.kbytes", "16384"),
     ]
 
     public init(bootstrap: String, groupId: String, properties: [String: String] = [:],
@@ -151,6 +157,10 @@ public final class KafkaConsumer {
     /// subscription, so it means the group was joined once, not that the member is in sync now.
     public var isJoined: Bool { state.hasAssignment }
 
+    /// Why no broker can be reached, from librdkafka's "all brokers down" error, or nil while
+    /// at least one broker responds. `poll` checks again every second while it is set.
+    public var brokersDown: String? { state.brokersDown }
+
     /// The number of consumer errors so far, not counting partition EOF events.
     public var errorCount: Int { state.errorCount }
 
@@ -209,6 +219,9 @@ public final class KafkaConsumer {
         precondition(!state.isInsideCallback, "KafkaConsumer.poll called from onRebalance")
 
         let limit = max(maxMessages ?? settings.batchSize, 1)
+        if state.brokersDown != nil {
+            probeBrokers(handle)
+        }
         let clock = ContinuousClock()
         let deadline = clock.now.advanced(by: .milliseconds(timeoutMs ?? settings.pollTimeoutMs))
         var records: [KafkaRecord] = []
@@ -224,12 +237,29 @@ public final class KafkaConsumer {
             defer { rd_kafka_message_destroy(message) }
 
             if message.pointee.err == RD_KAFKA_RESP_ERR_NO_ERROR {
+                state.brokersDown = nil
                 records.append(makeRecord(message))
             } else {
                 state.recordMessageError(message)
             }
         }
         return records
+    }
+
+    /// Asks for broker metadata, at most once a second, to learn whether a broker responds
+    /// again, because librdkafka reports "all brokers down" but has no event for the way back.
+    private func probeBrokers(_ handle: OpaquePointer) {
+        let now = ContinuousClock.now
+        if let last = state.lastBrokerProbe, last.duration(to: now) < .seconds(1) { return }
+        state.lastBrokerProbe = now
+        var metadata: UnsafePointer<rd_kafka_metadata>?
+        // No topics: the reply lists the brokers only. 200 ms bounds the stall of the loop.
+        let code = rd_kafka_metadata(handle, 0, nil, &metadata, 200)
+        metadata.map { rd_kafka_metadata_destroy($0) }
+        if code == RD_KAFKA_RESP_ERR_NO_ERROR {
+            Log.shared.info("a Kafka broker responds again", ["group": .string(settings.groupId)])
+            state.brokersDown = nil
+        }
     }
 
     // MARK: Offsets
@@ -462,6 +492,8 @@ private final class ConsumerCallbackState {
     var isInsideCallback = false
     var errorCount = 0
     var lastError: KafkaError?
+    var brokersDown: String?
+    var lastBrokerProbe: ContinuousClock.Instant?
     /// "topic/code" pairs already logged since the last subscribe.
     var reportedTopicErrors: Set<String> = []
 
@@ -517,6 +549,10 @@ private final class ConsumerCallbackState {
         errorCount += 1
         lastError = KafkaError(function: "rd_kafka_consumer_poll", code: code.rawValue,
                                message: "Kafka consumer error: \(detail)")
+        if code == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN {
+            brokersDown = detail
+            lastBrokerProbe = ContinuousClock.now
+        }
         Log.shared.write(level, "Kafka client error", [
             "group": .string(groupId), "error": .string(detail),
             "kafka.error_code": .string(errorName(code)),

@@ -82,7 +82,10 @@ final class PipelineWorker {
             }
             swapIfReloaded()
             let records = takeRecords()
-            control.update(worker: index) { $0.consumerJoined = consumer.isJoined }
+            control.update(worker: index) {
+                $0.consumerJoined = consumer.isJoined
+                $0.brokersDown = consumer.brokersDown
+            }
             if !records.isEmpty {
                 handleBatch(records)
             }

@@ -15,7 +15,10 @@ public final class RuntimeControl: Sendable {
         public var redisError: String?
         public var clickhouseReachable = true
         public var clickhouseError: String?
+        /// Why the subscription failed, or nil.
         public var kafkaError: String?
+        /// Why no Kafka broker can be reached, or nil while one answers.
+        public var brokersDown: String?
         /// The reason consumption is paused (a failing write), or nil while it runs.
         public var pausedReason: String?
         /// Set once the worker has left its loop.
@@ -59,6 +62,7 @@ public final class RuntimeControl: Sendable {
             combined.clickhouseReachable = workers.allSatisfy(\.clickhouseReachable)
             combined.clickhouseError = workers.lazy.compactMap(\.clickhouseError).first
             combined.kafkaError = workers.lazy.compactMap(\.kafkaError).first
+            combined.brokersDown = workers.lazy.compactMap(\.brokersDown).first
             combined.pausedReason = workers.lazy.compactMap(\.pausedReason).first
             combined.workerStopped = workers.contains(where: \.workerStopped)
             return combined

@@ -102,6 +102,16 @@ final class DeadLetterWriterTests: XCTestCase {
         XCTAssertEqual(DeadLetterWriter.truncated("€€€", maxBytes: 2), "")
     }
 
+    func testConsumerPropertiesDoNotReachTheProducer() {
+        let properties = [
+            "security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "linger.ms": "5",
+            "session.timeout.ms": "6000", "enable.auto.commit": "false", "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": "1", "queued.max.messages.kbytes": "4096", "group.instance.id": "a",
+        ]
+        XCTAssertEqual(DeadLetterWriter.producerProperties(of: properties),
+                       ["security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "linger.ms": "5"])
+    }
+
     // MARK: Topic template
 
     func testTemplateSubstitutesSourceTopic() throws {

@@ -310,11 +310,23 @@ final class DeliveryTests: XCTestCase {
                 try? broker.setBrokerDown(1, down: false)
             }
         }
-        usleep(4_000_000)
+        var reasons: [String] = []
+        try runtime.waitUntil("GET /ready reports the broker unreachable", timeoutSeconds: 20,
+                              detail: { "reasons: \(reasons)" }) {
+            let readiness = try readiness(runtime)
+            reasons = readiness.reasons
+            return readiness.status == 503 && reasons.contains { $0.hasPrefix("no Kafka broker is reachable") }
+        }
         XCTAssertTrue(runtime.isRunning, "the runtime exited while the broker was down")
-        XCTAssertEqual(try runtime.health("/health").status, 200)
+        XCTAssertEqual(try runtime.health("/health").status, 200, "liveness must not fail while the broker is down")
         try broker.setBrokerDown(1, down: false)
         brokerIsDown = false
+        try runtime.waitUntil("GET /ready returns 200 once the broker answers, without traffic",
+                              timeoutSeconds: 20, detail: { "reasons: \(reasons)" }) {
+            let readiness = try readiness(runtime)
+            reasons = readiness.reasons
+            return readiness.status == 200
+        }
 
         try workspace.publish(lines: load.nextBars(300), to: workspace.barTopic)
         try waitUntilApplied(runtime, redisPort: workspace.stack.redis.port, database: workspace.redisDatabase,

@@ -492,7 +492,7 @@ final class LiveRuntimeTests: XCTestCase {
             guard let reply = try? runtime.health("/ready", timeoutSeconds: 2) else { return false }
             readyStatus = reply.status
             ready = try reply.decode(ReadyReport.self)
-            return ready.reasons.count == 1 && ready.reasons[0].hasPrefix("Redis")
+            return ready.reasons.count == 1 && ready.reasons[0].hasPrefix("Redis is not reachable:")
         }
         XCTAssertEqual(readyStatus, 503)
         XCTAssertFalse(ready.ready)

@@ -159,8 +159,8 @@ final class LiveStack {
             return environment
         }
 
-        /// Starts `projection-runtime run` and, when `waitUntilReady` is set, waits until
-        /// GET /ready returns 200. `environment` overrides single variables of
+        /// Starts `projection-runtime run` and, when `waitUntilReady` is set, waits until it is
+        /// ready and has joined its group. `environment` overrides single variables of
         /// `runtimeEnvironment`.
         func startRuntime(environment overrides: [String: String] = [:],
                           waitUntilReady: Bool = true) throws -> RuntimeProcess {
@@ -336,13 +336,19 @@ final class LiveStack {
             try LiveStack.request(method, "http://127.0.0.1:\(apiPort)\(path)", timeoutSeconds: timeoutSeconds)
         }
 
-        /// Polls GET /ready until it returns 200.
+        /// Polls until GET /ready returns 200 and GET /health reports the Kafka consumer
+        /// joined: /ready does not wait for the group, and the tests want their partitions.
         func waitUntilReady(timeoutSeconds: Double) throws {
             var last = "no reply"
-            try waitUntil("GET /ready returns 200", timeoutSeconds: timeoutSeconds, detail: { last }) {
+            try waitUntil("GET /ready returns 200 and the consumer has joined", timeoutSeconds: timeoutSeconds,
+                          detail: { last }) {
                 guard let reply = try? self.health("/ready", timeoutSeconds: 2) else { return false }
-                last = "HTTP \(reply.status): \(reply.text)"
-                return reply.status == 200
+                last = "/ready: HTTP \(reply.status): \(reply.text)"
+                guard reply.status == 200, let health = try? self.health("/health", timeoutSeconds: 2) else {
+                    return false
+                }
+                last = "/health: HTTP \(health.status): \(health.text)"
+                return health.text.contains(#""state":"joined""#)
             }
         }
 

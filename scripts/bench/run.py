@@ -9,7 +9,7 @@ pre-produces bar events, and measures side by side:
 2. produce-to-queryable latency of latest_price at 10,000 events/s, also while a SIGHUP
    reload happens every second;
 3. scaling with workers, partitions and the number of loaded projections;
-4. process start to listening and to /ready;
+4. process start to listening, to /ready and to the first group join;
 
 then prints one table, checks the targets and writes var/benchmark/results.json. Every child
 process is stopped by PID when the driver ends, and gets SIGTERM from the kernel if the driver
@@ -317,22 +317,33 @@ class Benchmark:
         return {"process": process, "group": group, "health_port": health_port, "api_port": api_port,
                 "started": started, "log": log_path}
 
-    def wait_ready(self, runtime, interval=0.005, timeout=60.0):
-        """Poll /ready and return (seconds to the first HTTP response, seconds to status 200)."""
+    def wait_ready(self, runtime, interval=0.005, timeout=60.0, joined=True):
+        """Poll /ready, then /health until the consumer has joined its group (unless `joined` is
+        False). Return seconds from process start to the first HTTP response, to /ready
+        answering 200, and to the join (None when not waited for)."""
         listening = None
+        ready = None
         deadline = runtime["started"] + timeout
         while time.monotonic() < deadline:
             if runtime["process"].poll() is not None:
                 raise RuntimeError(f"projection-runtime exited with status {runtime['process'].returncode}; "
                                    f"see {runtime['log']}")
-            status, _ = measure.http_get(runtime["health_port"], "/ready", timeout=1)
-            now = time.monotonic()
-            if status is not None and listening is None:
-                listening = now - runtime["started"]
-            if status == 200:
-                return listening, now - runtime["started"]
+            if ready is None:
+                status, _ = measure.http_get(runtime["health_port"], "/ready", timeout=1)
+                now = time.monotonic()
+                if status is not None and listening is None:
+                    listening = now - runtime["started"]
+                if status == 200:
+                    ready = now - runtime["started"]
+                    if not joined:
+                        return listening, ready, None
+            if ready is not None:
+                status, body = measure.http_get(runtime["health_port"], "/health", timeout=1)
+                if status == 200 and b'"state":"joined"' in (body or b""):
+                    return listening, ready, time.monotonic() - runtime["started"]
             time.sleep(interval)
-        raise TimeoutError(f"projection-runtime was not ready within {timeout:.0f} s; see {runtime['log']}")
+        raise TimeoutError(f"projection-runtime was not ready and joined within {timeout:.0f} s; "
+                           f"see {runtime['log']}")
 
     def stored_progress(self, group, topic):
         """Return how many events of `topic` have offsets stored in Redis, and whether all have."""
@@ -652,12 +663,13 @@ class Benchmark:
             self.reset_redis()
             runtime = self.start_runtime("startup", STARTUP_TOPIC, folder)
             try:
-                listening, ready = self.wait_ready(runtime, interval=0.002)
+                listening, ready, _ = self.wait_ready(runtime, interval=0.002, joined=False)
                 idle_kib = measure.status_kib(runtime["process"].pid, "VmRSS")
                 idle_anonymous_kib = measure.status_kib(runtime["process"].pid, "RssAnon")
+                _, _, joined = self.wait_ready(runtime, interval=0.002)
             finally:
                 self.processes.stop(runtime["process"], timeout=30)
-            samples.append({"listening_ms": listening * 1000, "ready_ms": ready * 1000,
+            samples.append({"listening_ms": listening * 1000, "ready_ms": ready * 1000, "joined_ms": joined * 1000,
                             "rss_at_ready_mib": (idle_kib or 0) / 1024,
                             "rss_anonymous_at_ready_mib": (idle_anonymous_kib or 0) / 1024})
         samples.sort(key=lambda sample: sample["ready_ms"])
@@ -788,9 +800,11 @@ class Benchmark:
         if self.startup:
             median = self.startup["median"]
             slowest = max(sample["ready_ms"] for sample in self.startup["samples"])
-            table.append(["start", "process start -> listening / -> /ready", "", "", "", "", "", "", "",
-                          f"{median['listening_ms']:.0f} ms / {median['ready_ms']:.0f} ms "
-                          f"(median of {len(self.startup['samples'])}, slowest /ready {slowest:.0f} ms); "
+            slowest_join = max(sample["joined_ms"] for sample in self.startup["samples"])
+            table.append(["start", "process start -> listening / -> /ready / -> joined", "", "", "", "", "", "", "",
+                          f"{median['listening_ms']:.0f} ms / {median['ready_ms']:.0f} ms / "
+                          f"{median['joined_ms']:.0f} ms (median of {len(self.startup['samples'])}, "
+                          f"slowest /ready {slowest:.0f} ms, slowest join {slowest_join:.0f} ms); "
                           f"RSS at ready {median['rss_at_ready_mib']:.0f} MiB"])
         widths = [max(len(str(line[column])) for line in table) for column in range(len(header))]
         for index, line in enumerate(table):
