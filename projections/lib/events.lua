@@ -5,6 +5,8 @@
 
 local error = error
 local fields = require("fields")
+local json = json
+local math = math
 local string = string
 local type = type
 
@@ -59,25 +61,79 @@ local function check_minute_span(bar)
   end
 end
 
+-- Fast paths for validate_bar. Each accepts exactly the values its fields check accepts and
+-- hands anything else to that check, which raises with the usual message. They exist because
+-- every bar passes through them and the generic path costs several calls per field.
+local MAX_INTEGER = fields.MAX_INTEGER
+local HUGE = math.huge
+local math_type = math.type
+local find = string.find
+
+local function bar_integer(event, name, minimum)
+  local value = event[name]
+  if math_type(value) == "integer" and value >= minimum and value <= MAX_INTEGER then
+    return value
+  end
+  return required("bar", event, name, fields.integer, minimum)
+end
+
+local function bar_number(event, name, minimum)
+  local value = event[name]
+  if type(value) == "number" and value == value and value ~= HUGE and value ~= -HUGE
+      and (minimum == nil or value >= minimum) then
+    return value
+  end
+  return required("bar", event, name, fields.number, minimum)
+end
+
+local function bar_non_empty_string(event, name, check)
+  local value = event[name]
+  if type(value) == "string" and value ~= "" then
+    return value
+  end
+  return required("bar", event, name, check)
+end
+
+local function optional_bar_integer(event, name, default, minimum)
+  local value = event[name]
+  if value == nil or value == json.null then
+    return default
+  end
+  return bar_integer(event, name, minimum)
+end
+
+local function optional_bar_number(event, name)
+  local value = event[name]
+  if value == nil or value == json.null then
+    return nil
+  end
+  return bar_number(event, name, nil)
+end
+
 -- Validates a bar from the aggregated topic and returns a new table with its fields.
 -- Absent optional fields come back as nil (trade_count, vwap) or 0 (revision).
 function events.validate_bar(event)
   require_object("bar", event)
 
   local bar = {}
-  bar.tenant_id = required("bar", event, "tenant_id", fields.tenant_id)
-  bar.instrument_id = required("bar", event, "instrument_id", fields.instrument_id)
-  bar.timeframe = required("bar", event, "timeframe", fields.non_empty_string)
-  bar.start_ms = required("bar", event, "start_ms", fields.integer, 0)
-  bar.end_ms = required("bar", event, "end_ms", fields.integer, 0)
-  bar.open = required("bar", event, "open", fields.number)
-  bar.high = required("bar", event, "high", fields.number)
-  bar.low = required("bar", event, "low", fields.number)
-  bar.close = required("bar", event, "close", fields.number)
-  bar.volume = required("bar", event, "volume", fields.number, 0)
-  bar.trade_count = optional("bar", event, "trade_count", nil, fields.integer, 0)
-  bar.vwap = optional("bar", event, "vwap", nil, fields.number)
-  bar.revision = optional("bar", event, "revision", 0, fields.integer, 0)
+  local tenant_id = event.tenant_id
+  if type(tenant_id) == "string" and tenant_id ~= "" and not find(tenant_id, "[:{}]") then
+    bar.tenant_id = tenant_id
+  else
+    bar.tenant_id = required("bar", event, "tenant_id", fields.tenant_id)
+  end
+  bar.instrument_id = bar_non_empty_string(event, "instrument_id", fields.instrument_id)
+  bar.timeframe = bar_non_empty_string(event, "timeframe", fields.non_empty_string)
+  bar.start_ms = bar_integer(event, "start_ms", 0)
+  bar.end_ms = bar_integer(event, "end_ms", 0)
+  bar.open = bar_number(event, "open", nil)
+  bar.high = bar_number(event, "high", nil)
+  bar.low = bar_number(event, "low", nil)
+  bar.close = bar_number(event, "close", nil)
+  bar.volume = bar_number(event, "volume", 0)
+  bar.trade_count = optional_bar_integer(event, "trade_count", nil, 0)
+  bar.vwap = optional_bar_number(event, "vwap")
+  bar.revision = optional_bar_integer(event, "revision", 0, 0)
 
   if bar.end_ms <= bar.start_ms then
     raise_invalid("bar", "end_ms", string.format("must be greater than start_ms (%d), got %d", bar.start_ms, bar.end_ms))

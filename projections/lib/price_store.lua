@@ -66,11 +66,11 @@ local function number_text(value)
   if math.type(value) == "integer" then
     return string.format("%d", value)
   end
-  local text
-  for digits = 15, 17 do
-    text = string.format("%." .. digits .. "g", value)
-    if tonumber(text) == value then
-      break
+  local text = string.format("%.15g", value)
+  if tonumber(text) ~= value then
+    text = string.format("%.16g", value)
+    if tonumber(text) ~= value then
+      text = string.format("%.17g", value)
     end
   end
   if not text:find("[.eEn]") then
