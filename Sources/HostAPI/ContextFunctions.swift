@@ -146,10 +146,11 @@ let stateDeleteFunction: HostFunction = { L, context, result in
     }
 }
 
-/// Reads `ctx.redis(command, ...)` arguments, checking the command against `allowed`; `hint`
-/// follows the message when the command itself is not allowed.
-private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, kind: String, hint: String)
-    -> Result<[[UInt8]], LuaError>
+/// Reads `ctx.redis(command, ...)` arguments, checking the command against `allowed` and, when
+/// `arity` is given, the number of words against it (see `redisWriteCommands`). `hint` follows
+/// the message when the command itself is not allowed.
+private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, arity: [String: Int] = [:],
+                          kind: String, hint: String) -> Result<[[UInt8]], LuaError>
 {
     guard let name = stringArgument(L, 1) else {
         return .failure(LuaError(message: "ctx.redis: command must be a string, got \(typeName(L, 1))"))
@@ -158,8 +159,18 @@ private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, kind: String
     guard allowed.contains(command) else {
         return .failure(LuaError(message: "ctx.redis: \(command) is not a \(kind) command allowed here (\(hint))"))
     }
-    var arguments = [Array(command.utf8)]
     let count = lua_gettop(L)
+    if let expected = arity[command] {
+        // lua_gettop counts the command name too, as Redis's arity does.
+        let words = Int(count)
+        if expected >= 0 ? words != expected : words < -expected {
+            let least = expected < 0 ? "at least " : ""
+            let needed = abs(expected) - 1
+            return .failure(LuaError(message: "ctx.redis: \(command) takes \(least)\(needed) "
+                + "argument\(needed == 1 ? "" : "s") after the command name, got \(words - 1)"))
+        }
+    }
+    var arguments = [Array(command.utf8)]
     if count > 1 {
         for index in 2...count {
             guard let argument = redisArgument(L, index) else {
@@ -175,7 +186,7 @@ private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, kind: String
 /// ctx.redis(command, ...) in on_event: queues a write command.
 let redisWriteFunction: HostFunction = { L, context, result in
     withScope(L, context, result) { L, scope, result in
-        switch redisCommand(L, allowed: redisWriteCommands, kind: "write",
+        switch redisCommand(L, allowed: redisWriteCommandNames, arity: redisWriteCommands, kind: "write",
                             hint: "handlers queue writes only; read keyed state instead") {
         case .failure(let error):
             scope.fail(result, error.message)

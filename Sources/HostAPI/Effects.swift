@@ -61,16 +61,24 @@ public struct RedisScript: Sendable, Equatable {
     }
 }
 
-/// Redis commands a handler may queue with `ctx.redis`. Reads are excluded because a handler
-/// must not wait on a network round trip; it reads keyed state instead.
-let redisWriteCommands: Set<String> = [
-    "APPEND", "DECR", "DECRBY", "DEL", "EXPIRE", "EXPIREAT", "GEOADD", "HDEL", "HINCRBY",
-    "HINCRBYFLOAT", "HMSET", "HSET", "HSETNX", "INCR", "INCRBY", "INCRBYFLOAT", "LINSERT",
-    "LPOP", "LPUSH", "LREM", "LSET", "LTRIM", "MSET", "PERSIST", "PEXPIRE", "PEXPIREAT",
-    "PFADD", "PSETEX", "PUBLISH", "RPOP", "RPUSH", "SADD", "SET", "SETEX", "SETNX", "SETRANGE",
-    "SMOVE", "SPOP", "SREM", "UNLINK", "XADD", "XDEL", "XTRIM", "ZADD", "ZINCRBY", "ZPOPMAX",
-    "ZPOPMIN", "ZREM", "ZREMRANGEBYLEX", "ZREMRANGEBYRANK", "ZREMRANGEBYSCORE",
+/// Redis commands a handler may queue with `ctx.redis`, with their arity as Redis 7.0's
+/// `COMMAND INFO` gives it: the number of words including the command name, or at least that
+/// many when negative. Reads are excluded because a handler must not wait on a network round
+/// trip; it reads keyed state instead. The arity is checked when the command is queued,
+/// because Redis rejects a command of the wrong arity inside MULTI and then aborts the whole
+/// transaction, every other event's writes with it.
+let redisWriteCommands: [String: Int] = [
+    "APPEND": 3, "DECR": 2, "DECRBY": 3, "DEL": -2, "EXPIRE": -3, "EXPIREAT": -3, "GEOADD": -5,
+    "HDEL": -3, "HINCRBY": 4, "HINCRBYFLOAT": 4, "HMSET": -4, "HSET": -4, "HSETNX": 4, "INCR": 2,
+    "INCRBY": 3, "INCRBYFLOAT": 3, "LINSERT": 5, "LPOP": -2, "LPUSH": -3, "LREM": 4, "LSET": 4,
+    "LTRIM": 4, "MSET": -3, "PERSIST": 2, "PEXPIRE": -3, "PEXPIREAT": -3, "PFADD": -2, "PSETEX": 4,
+    "PUBLISH": 3, "RPOP": -2, "RPUSH": -3, "SADD": -3, "SET": -3, "SETEX": 4, "SETNX": 3,
+    "SETRANGE": 4, "SMOVE": 4, "SPOP": -2, "SREM": -3, "UNLINK": -2, "XADD": -5, "XDEL": -3,
+    "XTRIM": -4, "ZADD": -4, "ZINCRBY": 4, "ZPOPMAX": -2, "ZPOPMIN": -2, "ZREM": -3,
+    "ZREMRANGEBYLEX": 4, "ZREMRANGEBYRANK": 4, "ZREMRANGEBYSCORE": 4,
 ]
+
+let redisWriteCommandNames = Set(redisWriteCommands.keys)
 
 /// Redis commands a query may run with `ctx.redis`.
 let redisReadCommands: Set<String> = [

@@ -105,9 +105,9 @@ final class PartitionOwnership {
                 fenced.formUnion(lostNow)
                 throw FencedError(partitions: lostNow)
             }
-            // NOTE: a command Redis rejects while queuing (a projection's wrong arity, say)
-            // fails every retry, so consumption stays paused, with the command in /ready and
-            // the logs, until the projection is fixed.
+            // NOTE: ctx.redis checks the arity of each command, so a queuing error should not
+            // come from a projection. If one does, it fails every retry and consumption stays
+            // paused, with the command in /ready and the logs, until the cause is fixed.
             throw error
         case .failure(let error):
             throw error

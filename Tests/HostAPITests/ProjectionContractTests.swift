@@ -88,6 +88,16 @@ final class ProjectionContractTests: XCTestCase {
                       badArgument.message)
     }
 
+    func testRedisWriteOfWrongArityFails() throws {
+        let tooFew = try XCTUnwrap(try runHandler("ctx.redis('hset', 'k', 'field')").failure)
+        XCTAssertTrue(tooFew.message.contains("HSET takes at least 3 arguments after the command name, got 2"),
+                      tooFew.message)
+        let tooMany = try XCTUnwrap(try runHandler("ctx.redis('INCR', 'k', 1)").failure)
+        XCTAssertTrue(tooMany.message.contains("INCR takes 1 argument after the command name, got 2"),
+                      tooMany.message)
+        XCTAssertNotNil(try runHandler("ctx.redis('DEL', 'a', 'b', 'c')").effects)
+    }
+
     func testRedisScriptUsesDeclaredSha() throws {
         let source = "return redis.call('SET', KEYS[1], ARGV[1])"
         let instance = try makeInstance("""
