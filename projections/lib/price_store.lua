@@ -89,13 +89,17 @@ price_store.scripts = {}
 -- ARGV: instrument_id, end_ms, revision, price, volume, timeframe.
 -- Writes the price unless the hash already contains a later bar (greater end_ms, or equal end_ms
 -- and equal or higher revision) or an invalidation covers end_ms. Returns "written", "stale"
--- or "invalidated".
+-- or "invalidated". The served set gets the instrument only with a new hash: every script that
+-- deletes a price hash also removes its instrument from the set, so an existing hash is
+-- already a member. That saves one call per update in Redis, where this script runs per bar,
+-- but a served set deleted by hand is not rebuilt by later updates of existing prices.
 price_store.scripts.set_price = [[
 local end_ms = tonumber(ARGV[2])
 local revision = tonumber(ARGV[3])
 
-local tenant_until = tonumber(redis.call('GET', KEYS[3]) or '-1')
-local instrument_until = tonumber(redis.call('GET', KEYS[4]) or '-1')
+local watermarks = redis.call('MGET', KEYS[3], KEYS[4])
+local tenant_until = tonumber(watermarks[1] or '-1')
+local instrument_until = tonumber(watermarks[2] or '-1')
 if end_ms <= tenant_until or end_ms <= instrument_until then
   return 'invalidated'
 end
@@ -111,7 +115,9 @@ end
 
 redis.call('HSET', KEYS[1], 'price', ARGV[4], 'volume', ARGV[5], 'timeframe', ARGV[6],
   'as_of_ms', ARGV[2], 'revision', ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[1])
+if not current[1] then
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
 return 'written'
 ]]
 
