@@ -25,6 +25,9 @@ final class PartitionOwnership {
     /// Partitions another process claimed after us; their events are not handled until the
     /// next assignment.
     private(set) var fenced: Set<TopicPartition> = []
+    /// The owner key of each partition in `resumeOffsets`, so that the fence of a batch
+    /// formats no strings.
+    private var ownerKeys: [TopicPartition: [UInt8]] = [:]
 
     init(connection: RedisConnection, offsets: RedisOffsetStore, namespace: String) {
         self.connection = connection
@@ -59,12 +62,21 @@ final class PartitionOwnership {
         guard let partitions else {
             resumeOffsets.removeAll()
             fenced.removeAll()
+            ownerKeys.removeAll()
             return
         }
         for partition in partitions {
             resumeOffsets[partition] = nil
             fenced.remove(partition)
+            ownerKeys[partition] = nil
         }
+    }
+
+    /// Returns the offset that `partition` resumes from: events below it were applied by an
+    /// earlier batch. Nil when the partition is not claimed or has no stored offset.
+    func resumeOffset(_ partition: TopicPartition) -> Int64? {
+        guard let resume = resumeOffsets[partition] else { return nil }
+        return resume
     }
 
     /// Returns whether an earlier batch already applied the event at `offset`.
@@ -162,7 +174,14 @@ final class PartitionOwnership {
     }
 
     private func ownerKey(_ partition: TopicPartition) -> [UInt8] {
-        Array((ownerKeyPrefix + Self.field(partition)).utf8)
+        if let key = ownerKeys[partition] {
+            return key
+        }
+        let key = Array((ownerKeyPrefix + Self.field(partition)).utf8)
+        if resumeOffsets[partition] != nil {
+            ownerKeys[partition] = key
+        }
+        return key
     }
 
     static func field(_ partition: TopicPartition) -> String {

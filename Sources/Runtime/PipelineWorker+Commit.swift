@@ -57,12 +57,13 @@ extension PipelineWorker {
         try insertRows()
         try applyRedis()
 
-        for (partition, offset) in unit.nextOffsets {
+        let nextOffsets = unit.nextOffsets
+        for (partition, offset) in nextOffsets {
             pendingKafkaCommit[partition] = offset
         }
-        ownership.advance(unit.nextOffsets)
+        ownership.advance(nextOffsets)
         registry.recordApplied(unit.progress, nowMs: nowMs())
-        unit = CommitUnit()
+        unit.reset()
     }
 
     /// Inserts the unit's rows table by table; a retry skips tables already acknowledged.
@@ -92,18 +93,19 @@ extension PipelineWorker {
     /// broke after EXEC was sent), the stored offsets tell whether it was applied.
     private func applyRedis() throws {
         let started = DispatchTime.now().uptimeNanoseconds
+        let nextOffsets = unit.nextOffsets
         do {
             try redis.ensureConnected(deadline: Date().timeIntervalSince1970 + 1)
             if unit.stateCommands == nil {
                 unit.stateCommands = state.takePendingCommands()
-            } else if try ownership.alreadyApplied(unit.nextOffsets) {
+            } else if try ownership.alreadyApplied(nextOffsets) {
                 Log.shared.info("the previous attempt of this batch was applied; not sending it again")
                 metrics.recordRedisFlush(seconds: elapsed(since: started), failed: false)
                 return
             }
             var commands = unit.redisCommands + (unit.stateCommands ?? [])
-            if !unit.nextOffsets.isEmpty {
-                commands.append(ownership.offsetsCommand(unit.nextOffsets))
+            if !nextOffsets.isEmpty {
+                commands.append(ownership.offsetsCommand(nextOffsets))
             }
             let replies = try ownership.fencedTransaction(commands, partitions: unit.partitions)
             metrics.recordRedisFlush(seconds: elapsed(since: started), failed: false)
@@ -146,7 +148,7 @@ extension PipelineWorker {
         state.forget(partitions)
         deadLetters.discardPending()
         _ = buffer.drainTables()
-        unit = CommitUnit()
+        unit.reset()
         metrics.recordAbandonedBatch(reason: reason)
 
         let assigned = Set(consumer.assignment())

@@ -39,6 +39,20 @@ final class PipelineWorker {
     private var lastKafkaCommit = 0.0
     private var lastLagUpdate = 0.0
     private var lastRedisProbe = 0.0
+    /// Events per projection and result in the batch being handled, published to the
+    /// metrics once per batch.
+    private var batchEventCounts: [ProjectionEventCount] = []
+    /// The script of the last script call routed, so that calls of the same script do not
+    /// search the projection's scripts again. Cleared when the projection set changes.
+    private var lastScript: (projection: String, name: String, source: [UInt8])?
+
+    /// The events one projection handled in a batch, by result.
+    struct ProjectionEventCount {
+        var projection: String
+        var ok = 0
+        var error = 0
+        var invalidPayload = 0
+    }
 
     /// A failing sink and when to try it again.
     struct Outage {
@@ -127,21 +141,66 @@ final class PipelineWorker {
             return
         }
         let now = nowMs()
+        // Fencing and the resume offset are looked up once per run of events of one partition.
+        var runPartition: TopicPartition?
+        var runIsFenced = false
+        var runResumeOffset: Int64?
+        var alreadyApplied = 0
         for message in records {
-            let partition = TopicPartition(message.topic, message.partition)
-            if ownership.fenced.contains(partition) {
+            if runPartition?.partition != message.partition || runPartition?.topic != message.topic {
+                let partition = TopicPartition(message.topic, message.partition)
+                runPartition = partition
+                runIsFenced = ownership.fenced.contains(partition)
+                runResumeOffset = ownership.resumeOffset(partition)
+            }
+            if runIsFenced {
                 continue
             }
-            if ownership.isApplied(partition, offset: message.offset) {
-                metrics.recordSkipped(reason: "already_applied")
+            if let runResumeOffset, message.offset < runResumeOffset {
+                alreadyApplied += 1
                 continue
             }
             handle(message, nowMs: now)
         }
+        if alreadyApplied > 0 {
+            metrics.recordSkipped(reason: "already_applied", count: alreadyApplied)
+        }
+        publishEventCounts()
+    }
+
+    private func publishEventCounts() {
+        for count in batchEventCounts {
+            metrics.recordEvents(projection: count.projection, result: "ok", count: count.ok)
+            metrics.recordEvents(projection: count.projection, result: "error", count: count.error)
+            metrics.recordEvents(projection: count.projection, result: "invalid_payload",
+                                 count: count.invalidPayload)
+        }
+        batchEventCounts.removeAll(keepingCapacity: true)
+    }
+
+    /// Returns the index of `projection` in `batchEventCounts`, trying `position` (the
+    /// projection's place among the event's results) first.
+    private func eventCountIndex(projection: String, position: Int) -> Int {
+        if position < batchEventCounts.count && batchEventCounts[position].projection == projection {
+            return position
+        }
+        if let index = batchEventCounts.firstIndex(where: { $0.projection == projection }) {
+            return index
+        }
+        batchEventCounts.append(ProjectionEventCount(projection: projection))
+        return batchEventCounts.count - 1
     }
 
     private func prepare(for records: [EventMessage]) throws {
-        let partitions = Set(records.map { TopicPartition($0.topic, $0.partition) })
+        var partitions = Set<TopicPartition>()
+        var previous: EventMessage?
+        for message in records {
+            if let previous, previous.partition == message.partition && previous.topic == message.topic {
+                continue
+            }
+            partitions.insert(TopicPartition(message.topic, message.partition))
+            previous = message
+        }
         let unclaimed = partitions.filter { !ownership.isClaimed($0) }.sorted()
         if !unclaimed.isEmpty {
             try redis.ensureConnected(deadline: Date().timeIntervalSince1970 + 1)
@@ -160,26 +219,31 @@ final class PipelineWorker {
         // Counts rows across projections, so two projections writing one table from the same
         // event get distinct sources.
         var rowIndex = 0
-        for result in runner.handle(message, store: state, nowMs: now) {
+        let slot = unit.slot(for: message)
+        for (position, result) in runner.handle(message, store: state, nowMs: now).enumerated() {
             let origin = CommitUnit.Origin(projection: result.projection, topic: message.topic,
                                            partition: message.partition, offset: message.offset)
+            let countIndex = eventCountIndex(projection: result.projection, position: position)
             switch result.outcome {
             case .handled(let effects):
-                metrics.recordEvent(projection: result.projection, result: "ok")
+                batchEventCounts[countIndex].ok += 1
                 for effect in effects {
                     route(effect, origin: origin, rowIndex: &rowIndex)
                 }
-                unit.record(projection: result.projection, message: message, failure: nil)
+                unit.record(projection: result.projection, slot: slot, message: message, failure: nil)
             case .failed(let failure):
-                metrics.recordEvent(projection: result.projection,
-                                    result: failure.phase == .decode ? "invalid_payload" : "error")
+                if failure.phase == .decode {
+                    batchEventCounts[countIndex].invalidPayload += 1
+                } else {
+                    batchEventCounts[countIndex].error += 1
+                }
                 logFailure(failure, origin: origin)
                 deadLetters.add(message, projection: result.projection, version: result.version, failure: failure)
                 unit.deadLetters += 1
-                unit.record(projection: result.projection, message: message, failure: failure)
+                unit.record(projection: result.projection, slot: slot, message: message, failure: failure)
             }
         }
-        unit.markHandled(message, nowMs: ClickHouseBuffer.monotonicMilliseconds())
+        unit.markHandled(slot: slot, offset: message.offset, monotonicNowMs: ClickHouseBuffer.monotonicMilliseconds)
     }
 
     /// Sends one effect where it goes: Redis commands to the unit, rows to the buffer, logs and
@@ -189,8 +253,7 @@ final class PipelineWorker {
         case .redis(let arguments):
             unit.addRedis(.arguments(arguments), origin: origin)
         case .redisScript(let name, let sha1, let keys, let arguments):
-            let source = runner.set.projection(named: origin.projection)?.scripts
-                .first(where: { $0.name == name })?.source ?? []
+            let source = scriptSource(projection: origin.projection, name: name)
             unit.addRedis(.script(sha1: sha1, source: source, keys: keys, arguments: arguments), origin: origin)
         case .insert(let table, let row):
             let source = RowSource(topic: origin.topic, partition: origin.partition, offset: origin.offset,
@@ -209,6 +272,18 @@ final class PipelineWorker {
             metrics.recordProjectionCounter(projection: origin.projection, name: name, by: by,
                                             labels: String(decoding: labels, as: UTF8.self))
         }
+    }
+
+    /// Returns the source of a script that a projection declared, or empty bytes when the
+    /// current set has no such script.
+    private func scriptSource(projection: String, name: String) -> [UInt8] {
+        if let lastScript, lastScript.projection == projection, lastScript.name == name {
+            return lastScript.source
+        }
+        let source = runner.set.projection(named: projection)?.scripts
+            .first(where: { $0.name == name })?.source ?? []
+        lastScript = (projection, name, source)
+        return source
     }
 
     /// Per-event failures are rate-limited by the logger and counted; the event also goes to
@@ -235,6 +310,7 @@ final class PipelineWorker {
             ])
         }
         clickhouse.forgetSchemas()
+        lastScript = nil
         Log.shared.info("worker swapped to a new projection set", ["generation": .int(current.generation)])
         subscribeIfChanged()
     }

@@ -21,6 +21,8 @@ public final class RedisConnection {
     /// `ensureScriptsLoaded` sends nothing for them. Cleared on every reconnect, because the
     /// server may have restarted with an empty script cache.
     var loadedScripts: Set<String> = []
+    /// The RESP bytes of the current round trip, kept between calls to reuse its capacity.
+    private var requestBuffer: [UInt8] = []
 
     private static let initialBackoffMs = 50
     private static let maxBackoffMs = 2000
@@ -123,13 +125,13 @@ public final class RedisConnection {
     }
 
     /// Appends every command to hiredis' output buffer, writes them in one go and reads the
-    /// replies in order. Connects first when disconnected.
+    /// replies in order. Connects first when disconnected. With `inTransaction`, MULTI comes
+    /// before the commands and EXEC after them, and their replies are first and last.
     ///
     /// On an I/O error, a timeout or an unreadable reply it closes the connection and throws.
     /// Commands before the failing one may have run.
-    func roundTrip(_ commands: [RedisCommand]) throws(RedisError) -> [RedisReply] {
-        let argumentLists = commands.map(\.wireArguments)
-        if let empty = argumentLists.firstIndex(where: \.isEmpty) {
+    func roundTrip(_ commands: [RedisCommand], inTransaction: Bool = false) throws(RedisError) -> [RedisReply] {
+        if let empty = commands.firstIndex(where: \.isEmpty) {
             throw RedisError(kind: .invalidCommand, endpoint: endpoint,
                              message: "Redis command \(empty + 1) of \(commands.count) has no arguments, but needs at least the command name")
         }
@@ -140,49 +142,83 @@ public final class RedisConnection {
         guard let context else {
             throw RedisError(kind: .connect, endpoint: endpoint, message: "Redis at \(endpoint) is not connected")
         }
+        let sent = SentCommands(commands: commands, inTransaction: inTransaction)
 
-        for (index, arguments) in argumentLists.enumerated() {
-            // hiredis copies the arguments into its output buffer, so the Swift buffers need
-            // to live only for this call.
-            let status = Self.withArgv(arguments) { count, values, lengths in
-                redisAppendCommandArgv(context, count, values, lengths)
-            }
-            if status != REDIS_OK {
-                throw failure(of: commands, at: index, errorNumber: errno)
-            }
+        // The commands are formatted here in RESP, as redisAppendCommandArgv would format each,
+        // and handed to hiredis in one call, which copies them into its output buffer.
+        requestBuffer.removeAll(keepingCapacity: true)
+        if inTransaction {
+            Self.multiCommand.encode(into: &requestBuffer)
+        }
+        for command in commands {
+            command.encode(into: &requestBuffer)
+        }
+        if inTransaction {
+            Self.execCommand.encode(into: &requestBuffer)
+        }
+        let status = requestBuffer.withUnsafeBytes { bytes in
+            redisAppendFormattedCommand(context, bytes.baseAddress!.assumingMemoryBound(to: CChar.self), bytes.count)
+        }
+        if requestBuffer.capacity > Self.maxKeptRequestCapacity {
+            requestBuffer = []
+        }
+        if status != REDIS_OK {
+            throw failure(of: sent, at: 0, errorNumber: errno)
         }
 
         var replies: [RedisReply] = []
-        replies.reserveCapacity(commands.count)
-        for index in commands.indices {
+        replies.reserveCapacity(sent.count)
+        for index in 0..<sent.count {
             // The first call writes the whole output buffer. On success hiredis hands over
             // the reply tree: this function owns it and frees it with freeReplyObject.
             var raw: UnsafeMutableRawPointer?
             let status = redisGetReply(context, &raw)
             let errorNumber = errno
             guard status == REDIS_OK, let raw else {
-                throw failure(of: commands, at: index, errorNumber: errorNumber)
+                throw failure(of: sent, at: index, errorNumber: errorNumber)
             }
             defer { freeReplyObject(raw) }
 
             guard let reply = RedisReply(copying: raw.assumingMemoryBound(to: redisReply.self)) else {
                 close()
-                throw RedisError(kind: .protocol, endpoint: endpoint, command: commands[index].summary,
-                                 message: "Redis at \(endpoint) sent a reply of an unsupported type to \(commands[index].summary)")
+                let summary = sent.summary(at: index)
+                throw RedisError(kind: .protocol, endpoint: endpoint, command: summary,
+                                 message: "Redis at \(endpoint) sent a reply of an unsupported type to \(summary)")
             }
             replies.append(reply)
         }
         return replies
     }
 
+    private static let multiCommand = RedisCommand.arguments([Array("MULTI".utf8)])
+    private static let execCommand = RedisCommand.arguments([Array("EXEC".utf8)])
+    /// The largest request buffer kept for the next call, so that one large transaction does
+    /// not hold its memory for the life of the connection.
+    private static let maxKeptRequestCapacity = 1 << 20
+
+    /// The commands of one round trip, with MULTI and EXEC around them in a transaction.
+    private struct SentCommands {
+        var commands: [RedisCommand]
+        var inTransaction: Bool
+
+        var count: Int { commands.count + (inTransaction ? 2 : 0) }
+
+        func summary(at index: Int) -> String {
+            guard inTransaction else { return commands[index].summary }
+            if index == 0 { return "MULTI" }
+            if index == count - 1 { return "EXEC" }
+            return commands[index - 1].summary
+        }
+    }
+
     /// Builds the error for a failed append or read from the context's error, then closes
     /// the connection, because unread replies leave it out of step.
-    private func failure(of commands: [RedisCommand], at index: Int, errorNumber: Int32) -> RedisError {
+    private func failure(of commands: SentCommands, at index: Int, errorNumber: Int32) -> RedisError {
         let code = context?.pointee.err ?? 0
         let cause = context.map(Self.errorText) ?? "not connected"
         close()
 
-        let summary = commands[index].summary
+        let summary = commands.summary(at: index)
         let position = commands.count > 1 ? " (command \(index + 1) of \(commands.count))" : ""
         // hiredis 0.14 reports a socket timeout as an I/O error with errno EAGAIN from read(2)
         // or write(2) under SO_RCVTIMEO or SO_SNDTIMEO.
@@ -266,35 +302,6 @@ public final class RedisConnection {
         signal(SIGPIPE, SIG_IGN)
         return true
     }()
-
-    /// Calls `body` with `argv` and `argvlen` arrays for hiredis that point into one
-    /// contiguous copy of `arguments`. The pointers are valid only during the call.
-    private static func withArgv<Result>(
-        _ arguments: [[UInt8]],
-        _ body: (Int32, UnsafeMutablePointer<UnsafePointer<CChar>?>, UnsafePointer<Int>) -> Result
-    ) -> Result {
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(arguments.reduce(1) { $0 + $1.count })
-        var offsets: [Int] = []
-        var lengths: [Int] = []
-        for argument in arguments {
-            offsets.append(bytes.count)
-            lengths.append(argument.count)
-            bytes.append(contentsOf: argument)
-        }
-        // The extra byte gives the buffer an address even when every argument is empty.
-        bytes.append(0)
-
-        return bytes.withUnsafeBytes { buffer in
-            let base = buffer.baseAddress!.assumingMemoryBound(to: CChar.self)
-            var values: [UnsafePointer<CChar>?] = offsets.map { base + $0 }
-            return values.withUnsafeMutableBufferPointer { valuePointers in
-                lengths.withUnsafeBufferPointer { lengthPointers in
-                    body(Int32(arguments.count), valuePointers.baseAddress!, lengthPointers.baseAddress!)
-                }
-            }
-        }
-    }
 
     private static func errorText(_ context: UnsafeMutablePointer<redisContext>) -> String {
         withUnsafeBytes(of: context.pointee.errstr) { raw in

@@ -14,12 +14,17 @@ public final class RedisOffsetStore {
     public let namespace: String
     /// The name of the offsets hash.
     public let key: String
+    private let keyBytes: [UInt8]
+    /// The hash field of each partition written so far, so that a batch formats no strings.
+    /// It grows by one entry per partition this process ever handled.
+    private var fields: [TopicPartition: [UInt8]] = [:]
 
     /// Creates a store. `namespace` is the consumer group id.
     public init(connection: RedisConnection, namespace: String) {
         self.connection = connection
         self.namespace = namespace
         self.key = "prt:offsets:\(RedisStateKeys.hashTag(namespace))"
+        self.keyBytes = Array(key.utf8)
     }
 
     /// Reads the next offsets to consume of `partitions` with one HMGET. A partition without
@@ -64,12 +69,26 @@ public final class RedisOffsetStore {
     /// would abort the whole transaction.
     public func command(for nextOffsets: [TopicPartition: Int64]) -> RedisCommand {
         precondition(!nextOffsets.isEmpty, "RedisOffsetStore.command(for:) needs at least one offset; skip the HSET for a batch without messages")
-        var arguments = [Array("HSET".utf8), Array(key.utf8)]
+        var arguments: [[UInt8]] = [Self.hsetName, keyBytes]
+        arguments.reserveCapacity(2 + 2 * nextOffsets.count)
         for (partition, offset) in nextOffsets.sorted(by: { $0.key < $1.key }) {
-            arguments.append(Self.field(partition))
-            arguments.append(Array(String(offset).utf8))
+            arguments.append(field(partition))
+            var value: [UInt8] = []
+            RESPWriter.appendDecimal(offset, to: &value)
+            arguments.append(value)
         }
         return .arguments(arguments)
+    }
+
+    private static let hsetName = Array("HSET".utf8)
+
+    private func field(_ partition: TopicPartition) -> [UInt8] {
+        if let field = fields[partition] {
+            return field
+        }
+        let field = Self.field(partition)
+        fields[partition] = field
+        return field
     }
 
     private static func field(_ partition: TopicPartition) -> [UInt8] {

@@ -37,9 +37,7 @@ extension RedisConnection {
         guard !commands.isEmpty else { return [] }
         try ensureScriptsLoaded(Self.scripts(of: commands))
 
-        let wrapped = [RedisCommand.arguments([Array("MULTI".utf8)])] + commands
-            + [RedisCommand.arguments([Array("EXEC".utf8)])]
-        let replies = try roundTrip(wrapped)
+        let replies = try roundTrip(commands, inTransaction: true)
         try checkQueuedReplies(replies, of: commands)
 
         switch replies[replies.count - 1] {
@@ -134,12 +132,17 @@ extension RedisConnection {
     /// Keeps the script cache in step with what script calls returned: NOSCRIPT means the
     /// server lost the script, and any other reply means it has it.
     func recordScriptReplies(_ commands: [RedisCommand], _ replies: [RedisReply]) {
+        // Calls of one script usually follow each other, so a repeat of the last recorded
+        // script is recognised by comparing strings, without hashing the SHA-1 again.
+        var lastRecorded: String?
         for (command, reply) in zip(commands, replies) {
             guard let sha1 = command.scriptSHA1 else { continue }
             if Self.isNoScript(reply, of: command) {
                 loadedScripts.remove(sha1)
-            } else {
+                lastRecorded = nil
+            } else if sha1 != lastRecorded {
                 loadedScripts.insert(sha1)
+                lastRecorded = sha1
             }
         }
     }
@@ -153,8 +156,12 @@ extension RedisConnection {
     private static func scripts(of commands: [RedisCommand]) -> [(sha1: String, source: [UInt8])] {
         var scripts: [(sha1: String, source: [UInt8])] = []
         var seen = Set<String>()
+        var last: String?
         for command in commands {
-            if case .script(let sha1, let source, _, _) = command, seen.insert(sha1).inserted {
+            // A repeat of the previous call's script is skipped without hashing its SHA-1.
+            guard case .script(let sha1, let source, _, _) = command, sha1 != last else { continue }
+            last = sha1
+            if seen.insert(sha1).inserted {
                 scripts.append((sha1: sha1, source: source))
             }
         }

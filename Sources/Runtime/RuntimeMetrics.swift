@@ -92,6 +92,13 @@ public final class RuntimeMetrics: Sendable {
         events.labels(projection, result).inc()
     }
 
+    /// Adds `count` events of one projection and result, for a worker that counts a batch's
+    /// events itself. A zero count adds nothing and creates no series.
+    func recordEvents(projection: String, result: String, count: Int) {
+        guard count > 0 else { return }
+        events.labels(projection, result).inc(by: Double(count))
+    }
+
     func recordProjectionCounter(projection: String, name: String, by: Double, labels: String) {
         guard by.isFinite, by >= 0 else { return }
         projectionCounters.labels(projection, name, labels).inc(by: by)
@@ -130,8 +137,9 @@ public final class RuntimeMetrics: Sendable {
         luaMemory.labels(projection).set(Double(bytes))
     }
 
-    func recordSkipped(reason: String) {
-        skipped.labels(reason).inc()
+    func recordSkipped(reason: String, count: Int = 1) {
+        guard count > 0 else { return }
+        skipped.labels(reason).inc(by: Double(count))
     }
 
     func recordAbandonedBatch(reason: String) {

@@ -1,3 +1,4 @@
+import CHiredis
 import Foundation
 import HostAPI
 import XCTest
@@ -455,6 +456,54 @@ final class RedisClientTests: XCTestCase {
             .bytes(bytes("OK")), .error("ERR bad"), .integer(-7), .bytes([0, 0xff]), .null,
             .number(1.5), .boolean(true), .array([]),
         ]))
+    }
+
+    func testEncodingMatchesHiredisFormat() {
+        let script = RedisCommand.script(sha1: String(repeating: "ab", count: 20), source: bytes("return 1"),
+                                         keys: [bytes("k1"), bytes("k2")], arguments: [[], [0, 13, 10, 255]])
+        let commands: [RedisCommand] = [
+            .arguments([bytes("PING")]),
+            .arguments([bytes("SET"), bytes("key"), []]),
+            .arguments([bytes("HSET"), bytes("h"), Array(repeating: 7, count: 1000), bytes("-12")]),
+            script,
+        ]
+        for command in commands {
+            var encoded: [UInt8] = []
+            command.encode(into: &encoded)
+            XCTAssertEqual(encoded, hiredisFormat(command.wireArguments), command.summary)
+        }
+    }
+
+    func testDecimalEncodingOfExtremes() {
+        for value in [Int64.min, -10, -1, 0, 9, 10, 1_764_800_060_000, Int64.max] {
+            var encoded: [UInt8] = []
+            RESPWriter.appendDecimal(value, to: &encoded)
+            XCTAssertEqual(String(decoding: encoded, as: UTF8.self), String(value))
+        }
+        for value in [Int.min + 1, -100, -9, 0, 9, 10, 99, 100, Int.max] {
+            XCTAssertEqual(RESPWriter.decimalDigitCount(value), String(value).utf8.count, "\(value)")
+        }
+    }
+
+    /// Returns what hiredis' redisFormatCommandArgv makes of `arguments`.
+    private func hiredisFormat(_ arguments: [[UInt8]]) -> [UInt8] {
+        let copies = arguments.map { argument -> UnsafeMutablePointer<CChar> in
+            let pointer = UnsafeMutablePointer<CChar>.allocate(capacity: max(argument.count, 1))
+            argument.withUnsafeBytes { raw in
+                if let base = raw.baseAddress {
+                    UnsafeMutableRawPointer(pointer).copyMemory(from: base, byteCount: raw.count)
+                }
+            }
+            return pointer
+        }
+        defer { copies.forEach { $0.deallocate() } }
+        var values: [UnsafePointer<CChar>?] = copies.map { UnsafePointer($0) }
+        let lengths = arguments.map(\.count)
+        var target: UnsafeMutablePointer<CChar>?
+        let length = redisFormatCommandArgv(&target, Int32(arguments.count), &values, lengths)
+        guard length >= 0, let target else { return [] }
+        defer { free(target) }
+        return Array(UnsafeRawBufferPointer(start: target, count: Int(length)))
     }
 
     func testCommandSummaryOmitsValues() {
