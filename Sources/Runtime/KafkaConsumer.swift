@@ -126,6 +126,7 @@ public final class KafkaConsumer {
         rd_kafka_conf_set_log_cb(configuration, kafkaLogCallback)
         rd_kafka_conf_set_rebalance_cb(configuration, consumerRebalanceCallback)
         rd_kafka_conf_set_error_cb(configuration, consumerErrorCallback)
+        rd_kafka_conf_set_offset_commit_cb(configuration, consumerOffsetCommitCallback)
         // librdkafka stores this pointer without retaining `state`. That is safe because `self`
         // keeps `state` alive until `close()` has destroyed the handle, and no callback runs
         // after that.
@@ -263,6 +264,27 @@ public final class KafkaConsumer {
     }
 
     // MARK: Offsets
+
+    /// Sends a commit of `offsets` and returns without waiting for the broker, so a broker that
+    /// is down cannot stall the caller. A failed commit shows up later in `takeFailedCommits()`
+    /// and the log. The list is copied by librdkafka.
+    public func commitAsync(_ offsets: [TopicPartition: Int64]) throws(KafkaError) {
+        let handle = try openHandle("rd_kafka_commit")
+        guard !offsets.isEmpty else { return }
+
+        let entries = offsets.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+        try withPartitionList(entries) { list throws(KafkaError) in
+            try check(rd_kafka_commit(handle, list, 1), "rd_kafka_commit",
+                      "commit of \(offsets.count) offsets for group '\(settings.groupId)' failed")
+        }
+    }
+
+    /// Returns the partitions whose commit failed since the last call, asynchronous or not, and
+    /// forgets them. `poll` learns of the failures.
+    public func takeFailedCommits() -> Set<TopicPartition> {
+        defer { state.failedCommits.removeAll() }
+        return state.failedCommits
+    }
 
     /// Commits `offsets` synchronously. Each value is the next offset to consume: the offset
     /// of the last handled message + 1.
@@ -494,6 +516,7 @@ private final class ConsumerCallbackState {
     var lastError: KafkaError?
     var brokersDown: String?
     var lastBrokerProbe: ContinuousClock.Instant?
+    var failedCommits: Set<TopicPartition> = []
     /// "topic/code" pairs already logged since the last subscribe.
     var reportedTopicErrors: Set<String> = []
 
@@ -512,6 +535,12 @@ private final class ConsumerCallbackState {
     func recordMessageError(_ message: UnsafeMutablePointer<rd_kafka_message_t>) {
         let code = message.pointee.err
         if code == RD_KAFKA_RESP_ERR__PARTITION_EOF { return }
+        if code == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN {
+            // Client errors reach the application either through the error callback or, from
+            // rd_kafka_consumer_poll, as an error message: treat both alike.
+            recordClientError(nil, code: code, reason: String(cString: rd_kafka_message_errstr(message)))
+            return
+        }
 
         let topic = message.pointee.rkt.map { String(cString: rd_kafka_topic_name($0)) } ?? ""
         let detail = String(cString: rd_kafka_message_errstr(message))
@@ -654,6 +683,25 @@ private func consumerErrorCallback(handle: OpaquePointer?, code: Int32,
     let state = Unmanaged<ConsumerCallbackState>.fromOpaque(opaque).takeUnretainedValue()
     state.recordClientError(handle, code: rd_kafka_resp_err_t(rawValue: code),
                             reason: reason.map { String(cString: $0) } ?? "")
+}
+
+/// librdkafka's offset commit callback, served inside `rd_kafka_consumer_poll` on the owner
+/// thread. It records and logs failed commits. A commit with nothing to commit is no failure.
+private func consumerOffsetCommitCallback(
+    handle: OpaquePointer?, code: rd_kafka_resp_err_t,
+    offsets: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?, opaque: UnsafeMutableRawPointer?
+) {
+    guard let opaque, code != RD_KAFKA_RESP_ERR__NO_OFFSET else { return }
+    let state = Unmanaged<ConsumerCallbackState>.fromOpaque(opaque).takeUnretainedValue()
+    let entries = offsets.map(readPartitionList) ?? []
+    let failed = entries.filter { code != RD_KAFKA_RESP_ERR_NO_ERROR || $0.error != RD_KAFKA_RESP_ERR_NO_ERROR }
+    guard !failed.isEmpty else { return }
+    state.failedCommits.formUnion(failed.map(\.partition))
+    let reason = code != RD_KAFKA_RESP_ERR_NO_ERROR ? code : failed[0].error
+    Log.shared.warn("Kafka offset commit failed; it is sent again with the next commit", [
+        "group": .string(state.groupId), "kafka.partitions": .string(describe(failed.map(\.partition))),
+        "error": .string(errorText(reason)),
+    ])
 }
 
 private func currentAssignment(_ handle: OpaquePointer, groupId: String) -> [TopicPartition] {

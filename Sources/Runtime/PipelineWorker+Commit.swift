@@ -60,6 +60,7 @@ extension PipelineWorker {
         let nextOffsets = unit.nextOffsets
         for (partition, offset) in nextOffsets {
             pendingKafkaCommit[partition] = offset
+            appliedOffsets[partition] = offset
         }
         ownership.advance(nextOffsets)
         registry.recordApplied(unit.progress, nowMs: nowMs())
@@ -241,6 +242,7 @@ extension PipelineWorker {
             let revoked = Set(partitions)
             backlog.removeAll { revoked.contains(TopicPartition($0.topic, $0.partition)) }
             pendingKafkaCommit = pendingKafkaCommit.filter { !revoked.contains($0.key) }
+            appliedOffsets = appliedOffsets.filter { !revoked.contains($0.key) }
             Log.shared.info("partitions revoked", ["partitions": .int(partitions.count), "lost": .boolean(lost)])
         case .assigned(let partitions):
             if outage != nil {

@@ -35,7 +35,11 @@ final class PipelineWorker {
     var backlog: [EventMessage] = []
     /// Set while a sink fails: partitions are paused and the loop only retries and polls.
     var outage: Outage?
+    /// Offsets written to Redis but not yet committed to Kafka.
     var pendingKafkaCommit: [TopicPartition: Int64] = [:]
+    /// The latest offset written to Redis for each owned partition, which a failed Kafka commit
+    /// is retried with, so the committed offset never moves back.
+    var appliedOffsets: [TopicPartition: Int64] = [:]
     private var lastKafkaCommit = 0.0
     private var lastLagUpdate = 0.0
     private var lastRedisProbe = 0.0
@@ -368,14 +372,29 @@ final class PipelineWorker {
         }
     }
 
-    /// Commits Kafka offsets at most once a second, and always when forced (revoke, shutdown).
-    /// They only serve lag tools: the offsets in Redis decide where consumption resumes.
+    /// Commits Kafka offsets at most once a second without waiting for the broker, and when
+    /// forced (revoke, shutdown) synchronously. They only serve lag tools: the offsets in Redis
+    /// decide where consumption resumes, so a broker that is down must not stall the worker.
     func commitKafkaIfDue(force: Bool) {
+        for partition in consumer.takeFailedCommits() {
+            if let offset = appliedOffsets[partition] {
+                pendingKafkaCommit[partition] = offset
+            }
+        }
         let now = Date().timeIntervalSince1970
         guard !pendingKafkaCommit.isEmpty, force || now - lastKafkaCommit >= 1 else { return }
         lastKafkaCommit = now
         do {
-            try consumer.commit(pendingKafkaCommit)
+            if !force {
+                try consumer.commitAsync(pendingKafkaCommit)
+            } else if let down = consumer.brokersDown {
+                // rd_kafka_commit would wait for a broker, up to the request timeout.
+                Log.shared.warn("no Kafka broker is reachable; the Kafka commit is skipped and Redis keeps the offsets",
+                                ["error": .string(down), "partitions": .int(pendingKafkaCommit.count)])
+                return
+            } else {
+                try consumer.commit(pendingKafkaCommit)
+            }
             pendingKafkaCommit.removeAll()
         } catch {
             Log.shared.warn("Kafka offset commit failed; will retry", ["error": .string("\(error)")])
