@@ -7,7 +7,7 @@ test:
 	scripts/test.sh
 
 build:
-	swift build -c release
+	swift build -c release --static-swift-stdlib --product projection-runtime
 
 bench:
 	swift run -c release host-bench

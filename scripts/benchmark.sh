@@ -29,7 +29,7 @@ scripts/install-deps.sh
 binary=${BENCH_BINARY:-}
 if [[ -z $binary ]]; then
   log "building (release)"
-  swift build -c release --product projection-runtime 2>&1 | tail -n 1
+  swift build -c release --static-swift-stdlib --product projection-runtime 2>&1 | tail -n 1
   binary=.build/release/projection-runtime
 fi
 if [[ ! -x $binary ]]; then

@@ -147,8 +147,8 @@ binary=$state_dir/projection-runtime
 
 log "building (release)"
 # A source file saved while swift build runs fails the build, so it is tried a second time.
-if ! swift build -c release --product projection-runtime >"$state_dir/build.log" 2>&1 &&
-  ! swift build -c release --product projection-runtime >"$state_dir/build.log" 2>&1; then
+if ! swift build -c release --static-swift-stdlib --product projection-runtime >"$state_dir/build.log" 2>&1 &&
+  ! swift build -c release --static-swift-stdlib --product projection-runtime >"$state_dir/build.log" 2>&1; then
   tail -n 20 "$state_dir/build.log" >&2
   fail "swift build failed; see $state_dir/build.log"
 fi

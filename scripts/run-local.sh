@@ -53,7 +53,7 @@ wait_for() {
 
 scripts/install-deps.sh
 log "building (release)"
-swift build -c release --product projection-runtime 2>&1 | tail -n 1
+swift build -c release --static-swift-stdlib --product projection-runtime 2>&1 | tail -n 1
 "$binary" check --projections projections
 
 rm -rf "$state_dir"
