@@ -158,8 +158,8 @@ public final class KafkaConsumer {
     /// subscription, so it means the group was joined once, not that the member is in sync now.
     public var isJoined: Bool { state.hasAssignment }
 
-    /// Why no broker can be reached, from librdkafka's "all brokers down" error, or nil while
-    /// at least one broker responds. `poll` checks again every second while it is set.
+    /// The reason of librdkafka's "all brokers down" error, or nil while at least one broker
+    /// responds. `poll` checks again every second while it is set.
     public var brokersDown: String? { state.brokersDown }
 
     /// The number of consumer errors so far, not counting partition EOF events.
@@ -280,7 +280,7 @@ public final class KafkaConsumer {
     }
 
     /// Returns the partitions whose commit failed since the last call, asynchronous or not, and
-    /// forgets them. `poll` learns of the failures.
+    /// clears the list. The failures arrive inside `poll`.
     public func takeFailedCommits() -> Set<TopicPartition> {
         defer { state.failedCommits.removeAll() }
         return state.failedCommits
