@@ -151,6 +151,11 @@ extension PipelineWorker {
         _ = buffer.drainTables()
         unit.reset()
         metrics.recordAbandonedBatch(reason: reason)
+        // Records of these partitions polled after the unit's (kept during an outage) go too.
+        // The rewind fetches them again after the unit's own events. Handled now, they would
+        // run ahead of those events, whose offsets they would then mark as applied.
+        let dropped = Set(partitions)
+        backlog.removeAll { dropped.contains(TopicPartition($0.topic, $0.partition)) }
 
         let assigned = Set(consumer.assignment())
         let rewind = firstOffsets.filter {
