@@ -267,16 +267,9 @@ public final class KafkaConsumer {
 
     /// Sends a commit of `offsets` and returns without waiting for the broker, so a broker that
     /// is down cannot stall the caller. A failed commit shows up later in `takeFailedCommits()`
-    /// and the log. The list is copied by librdkafka.
+    /// and the log.
     public func commitAsync(_ offsets: [TopicPartition: Int64]) throws(KafkaError) {
-        let handle = try openHandle("rd_kafka_commit")
-        guard !offsets.isEmpty else { return }
-
-        let entries = offsets.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
-        try withPartitionList(entries) { list throws(KafkaError) in
-            try check(rd_kafka_commit(handle, list, 1), "rd_kafka_commit",
-                      "commit of \(offsets.count) offsets for group '\(settings.groupId)' failed")
-        }
+        try commit(offsets, waiting: false)
     }
 
     /// Returns the partitions whose commit failed since the last call, asynchronous or not, and
@@ -292,15 +285,22 @@ public final class KafkaConsumer {
     /// An empty dictionary commits nothing, because `rd_kafka_commit` with no list would commit
     /// the stored offsets of the whole assignment.
     public func commit(_ offsets: [TopicPartition: Int64]) throws(KafkaError) {
+        try commit(offsets, waiting: true)
+    }
+
+    private func commit(_ offsets: [TopicPartition: Int64], waiting: Bool) throws(KafkaError) {
         let handle = try openHandle("rd_kafka_commit")
         guard !offsets.isEmpty else { return }
 
         let entries = offsets.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
         try withPartitionList(entries) { list throws(KafkaError) in
-            // The last argument 0 makes the commit synchronous. The list stays ours.
-            try check(rd_kafka_commit(handle, list, 0), "rd_kafka_commit",
+            // With 0 as the last argument the call waits and sets each partition's error in
+            // the list. With 1 it returns at once, and librdkafka keeps a copy of the list.
+            try check(rd_kafka_commit(handle, list, waiting ? 0 : 1), "rd_kafka_commit",
                       "commit of \(offsets.count) offsets for group '\(settings.groupId)' failed")
-            try checkEach(readPartitionList(list), "rd_kafka_commit", "commit of offset")
+            if waiting {
+                try checkEach(readPartitionList(list), "rd_kafka_commit", "commit of offset")
+            }
         }
     }
 
