@@ -83,6 +83,7 @@ private func redisArgumentList(_ L: OpaquePointer, _ index: Int32, what: String)
     }
     var list: [[UInt8]] = []
     let count = lua_rawlen(L, index)
+    list.reserveCapacity(Int(count))
     for position in 0..<count {
         lua_rawgeti(L, index, lua_Integer(position) + 1)
         defer { clua_pop(L, 1) }
@@ -171,6 +172,7 @@ private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, arity: [Stri
         }
     }
     var arguments = [Array(command.utf8)]
+    arguments.reserveCapacity(Int(count))
     if count > 1 {
         for index in 2...count {
             guard let argument = redisArgument(L, index) else {
