@@ -170,6 +170,14 @@ private func redisCommand(_ L: OpaquePointer, allowed: Set<String>, arity: [Stri
             return .failure(LuaError(message: "ctx.redis: \(command) takes \(least)\(needed) "
                 + "argument\(needed == 1 ? "" : "s") after the command name, got \(words - 1)"))
         }
+        if let maximum = redisWriteMaximumWords[command], words > maximum {
+            return .failure(LuaError(message:
+                "ctx.redis: \(command) takes at most \(maximum - 1) arguments after the command name, got \(words - 1)"))
+        }
+        if let rule = redisWritePairs[command], (words - rule.from) % 2 != 0 {
+            return .failure(LuaError(message:
+                "ctx.redis: \(command) takes \(rule.pairs), got \(words - rule.from) arguments there, an odd number"))
+        }
     }
     var arguments = [Array(command.utf8)]
     arguments.reserveCapacity(Int(count))

@@ -80,6 +80,20 @@ let redisWriteCommands: [String: Int] = [
 
 let redisWriteCommandNames = Set(redisWriteCommands.keys)
 
+/// The maximum number of words of some write commands, from their syntax in Redis 7.0, where
+/// the arity gives only a minimum: `LPOP key [count]`, `EXPIRE key seconds [NX | XX | GT | LT]`.
+let redisWriteMaximumWords: [String: Int] = [
+    "LPOP": 3, "RPOP": 3, "SPOP": 3, "ZPOPMAX": 3, "ZPOPMIN": 3,
+    "EXPIRE": 4, "PEXPIRE": 4, "EXPIREAT": 4, "PEXPIREAT": 4,
+]
+
+/// Write commands whose words from index `from` on are pairs, and what the pairs are. Commands
+/// with options before their pairs (ZADD, GEOADD, SET, XADD) are not checked here.
+let redisWritePairs: [String: (from: Int, pairs: String)] = [
+    "HSET": (2, "field/value pairs after the key"), "HMSET": (2, "field/value pairs after the key"),
+    "MSET": (1, "key/value pairs"),
+]
+
 /// Redis commands a query may run with `ctx.redis`.
 let redisReadCommands: Set<String> = [
     "EXISTS", "GET", "GETRANGE", "HEXISTS", "HGET", "HGETALL", "HKEYS", "HLEN", "HMGET",

@@ -151,6 +151,9 @@ extension PipelineWorker {
         _ = buffer.drainTables()
         unit.reset()
         metrics.recordAbandonedBatch(reason: reason)
+        Log.shared.warn("dropped a batch without writing it; its events are consumed again", [
+            "reason": .string(reason), "partitions": .string(partitions.map(\.description).joined(separator: ",")),
+        ])
         // Records of these partitions polled after the unit's (kept during an outage) go too.
         // The rewind fetches them again after the unit's own events. Handled now, they would
         // run ahead of those events, whose offsets they would then mark as applied.
@@ -249,13 +252,16 @@ extension PipelineWorker {
             pendingKafkaCommit = pendingKafkaCommit.filter { !revoked.contains($0.key) }
             appliedOffsets = appliedOffsets.filter { !revoked.contains($0.key) }
             Log.shared.info("partitions revoked", ["partitions": .int(partitions.count), "lost": .boolean(lost)])
+            // The consumer still lists them until this callback returns.
+            let kept = consumer.assignment().filter { !revoked.contains($0) }.count
+            control.update(worker: index) { $0.assignedPartitions = kept }
         case .assigned(let partitions):
             if outage != nil {
                 try? consumer.pause(partitions)
             }
             Log.shared.info("partitions assigned", ["partitions": .int(partitions.count)])
+            control.update(worker: index) { $0.assignedPartitions = consumer.assignment().count }
         }
-        control.update(worker: index) { $0.assignedPartitions = consumer.assignment().count }
     }
 
     func shutDown() {

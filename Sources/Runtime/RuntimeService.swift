@@ -18,6 +18,9 @@ public final class RuntimeService: Sendable {
     private let metrics: RuntimeMetrics
     /// Serializes reloads from SIGHUP and from `POST /admin/reload`.
     private let reloadLock = Mutex(())
+    /// When to reload again because the last reload found ClickHouse unreachable, in seconds
+    /// since 1970, or nil.
+    private let initRetryAt = Mutex<Double?>(nil)
 
     public init(config: RuntimeConfig) {
         self.config = config
@@ -54,17 +57,19 @@ public final class RuntimeService: Sendable {
             ])
             return 1
         }
-        let initial = reload(trigger: "start")
-        if !initial.succeeded {
-            Log.shared.warn("some projections failed to load at start; see /health and /projections")
-        }
-
+        // The ports open before the projections load, so that liveness probes get a response
+        // while init statements wait for ClickHouse. /ready answers 503 until a projection is
+        // loaded.
         let servers: [HTTPServer]
         do {
             servers = try startServers()
         } catch {
             Log.shared.error("cannot start the HTTP servers", ["error": .string("\(error)")])
             return 1
+        }
+        let initial = reload(trigger: "start")
+        if !initial.succeeded {
+            Log.shared.warn("some projections failed to load at start; see /health and /projections")
         }
 
         var threads: [WorkerThread] = []
@@ -82,7 +87,8 @@ public final class RuntimeService: Sendable {
         Log.shared.info("starting workers", ["workers": .int(workerCount)])
         threads.forEach { $0.start() }
 
-        signals.wait(control: control) { [self] in _ = reload(trigger: "SIGHUP") }
+        signals.wait(control: control, reload: { [self] in _ = reload(trigger: "SIGHUP") },
+                     everySecond: { [self] in retryInitIfDue() })
         Log.shared.info("shutting down", ["timeout_ms": .int(config.shutdownTimeoutMs)])
         let deadline = DispatchTime.now() + Double(config.shutdownTimeoutMs) / 1000 + 2
         let finished = threads.allSatisfy { $0.join(until: deadline) }
@@ -109,6 +115,13 @@ public final class RuntimeService: Sendable {
         return [healthServer, apiServer]
     }
 
+    /// Reloads once the retry time set by a reload that found ClickHouse unreachable has come.
+    private func retryInitIfDue() {
+        guard let due = initRetryAt.withLock({ $0 }), Date().timeIntervalSince1970 >= due else { return }
+        Log.shared.info("retrying the projections whose init statements found ClickHouse unreachable")
+        _ = reload(trigger: "ClickHouse retry")
+    }
+
     /// Loads the projections folder again, runs the `init` statements of new versions against
     /// ClickHouse, publishes the set and reports what happened. Workers and query threads swap
     /// at their next batch or request.
@@ -122,9 +135,16 @@ public final class RuntimeService: Sendable {
                 return ReloadOutcome(succeeded: false, json: Array(#"{"error":"cannot create a ClickHouse client"}"#.utf8))
             }
             let now = Int64(Date().timeIntervalSince1970 * 1000)
+            var unreachable = false
+            defer {
+                let retryAt = unreachable ? Date().timeIntervalSince1970 + Self.initRetrySeconds : nil
+                initRetryAt.withLock { $0 = retryAt }
+            }
             do {
                 let report = try registry.reload(nowMs: now) { effects, definition in
-                    Self.runStatements(effects, of: definition, on: clickhouse)
+                    let (failure, retryable) = Self.runStatements(effects, of: definition, on: clickhouse)
+                    unreachable = unreachable || retryable
+                    return failure
                 }
                 logReport(report, trigger: trigger)
                 metrics.recordReload(result: report.succeeded ? "ok" : "partial")
@@ -142,22 +162,30 @@ public final class RuntimeService: Sendable {
         }
     }
 
-    /// Executes `init` statements; the first failure names the projection and the statement.
-    /// While ClickHouse is unreachable, each statement is retried for up to 15 s, so that a
-    /// ClickHouse that starts a little after the runtime does not fail the load.
+    /// Executes `init` statements; the first failure names the projection and the statement,
+    /// and whether ClickHouse was unreachable rather than rejecting it. While ClickHouse is
+    /// unreachable, each statement is retried for up to 15 s, so that a ClickHouse that starts a
+    /// little after the runtime does not fail the load. After that, the whole reload is retried
+    /// every `initRetrySeconds`.
     private static func runStatements(_ effects: [Effect], of definition: ProjectionDefinition,
-                                      on clickhouse: ClickHouseClient) -> ProjectionFailure? {
+                                      on clickhouse: ClickHouseClient) -> (ProjectionFailure?, retryable: Bool) {
         for case .clickhouseStatement(let sql) in effects {
             if let error = execute(sql, on: clickhouse, retryingForSeconds: 15) {
-                return ProjectionFailure(phase: .initialize, projection: definition.name, file: definition.code.file,
-                                         message: "ClickHouse rejected a statement from init: \(error)")
+                let message = error.isRetryable
+                    ? "ClickHouse is unreachable for a statement from init (tried for 15 s; the load is retried every \(Int(initRetrySeconds)) s): \(error)"
+                    : "ClickHouse rejected a statement from init: \(error)"
+                return (ProjectionFailure(phase: .initialize, projection: definition.name, file: definition.code.file,
+                                          message: message), error.isRetryable)
             }
         }
         for case .log(let level, let message, let fields) in effects {
             Log.shared.write(level, message, ["projection": .string(definition.name), "fields": .json(fields)])
         }
-        return nil
+        return (nil, false)
     }
+
+    /// The wait before a reload is retried because ClickHouse was unreachable.
+    static let initRetrySeconds = 10.0
 
     private static func execute(_ sql: String, on clickhouse: ClickHouseClient,
                                 retryingForSeconds seconds: Double) -> ClickHouseError? {

@@ -27,13 +27,17 @@ struct SignalThread {
     }
 
     /// Waits for signals: SIGHUP calls `reload`, SIGTERM and SIGINT stop the runtime and return.
-    func wait(control: RuntimeControl, reload: () -> Void) {
+    /// `everySecond` runs on this thread about once a second between signals.
+    func wait(control: RuntimeControl, reload: () -> Void, everySecond: () -> Void = {}) {
         var set = self.set
+        var timeout = timespec(tv_sec: 1, tv_nsec: 0)
         while true {
-            var received: Int32 = 0
-            let result = sigwait(&set, &received)
-            if result != 0 {
-                Log.shared.error("sigwait failed", ["error": .string(String(cString: strerror(result)))])
+            let received = sigtimedwait(&set, nil, &timeout)
+            if received < 0 {
+                if errno != EAGAIN && errno != EINTR {
+                    Log.shared.error("sigtimedwait failed", ["error": .string(String(cString: strerror(errno)))])
+                }
+                everySecond()
                 continue
             }
             switch received {

@@ -95,7 +95,17 @@ final class ProjectionContractTests: XCTestCase {
         let tooMany = try XCTUnwrap(try runHandler("ctx.redis('INCR', 'k', 1)").failure)
         XCTAssertTrue(tooMany.message.contains("INCR takes 1 argument after the command name, got 2"),
                       tooMany.message)
+        let oddPairs = try XCTUnwrap(try runHandler("ctx.redis('HSET', 'k', 'f', 'v', 'f2')").failure)
+        XCTAssertTrue(oddPairs.message.contains("HSET takes field/value pairs after the key, got 3 arguments there"),
+                      oddPairs.message)
+        let oddKeys = try XCTUnwrap(try runHandler("ctx.redis('MSET', 'k', 'v', 'k2')").failure)
+        XCTAssertTrue(oddKeys.message.contains("MSET takes key/value pairs, got 3 arguments there"), oddKeys.message)
+        let tooManyForPop = try XCTUnwrap(try runHandler("ctx.redis('LPOP', 'k', 1, 'x')").failure)
+        XCTAssertTrue(tooManyForPop.message.contains("LPOP takes at most 2 arguments after the command name, got 3"),
+                      tooManyForPop.message)
         XCTAssertNotNil(try runHandler("ctx.redis('DEL', 'a', 'b', 'c')").effects)
+        XCTAssertNotNil(try runHandler("ctx.redis('HSET', 'k', 'f', 'v', 'f2', 'v2')").effects)
+        XCTAssertNotNil(try runHandler("ctx.redis('LPOP', 'k', 2)").effects)
     }
 
     func testRedisScriptUsesDeclaredSha() throws {

@@ -255,6 +255,33 @@ final class DeliveryTests: XCTestCase {
         XCTAssertEqual((clickhouseAfter as? [String: Any])?["state"] as? String, "reachable")
     }
 
+    func testInitRetriedUntilClickHouseResponds() throws {
+        let forwarder = try TCPForwarder(targetPort: workspace.stack.clickhouse.httpPort)
+        defer { forwarder.stop() }
+        // The port refuses connections, as a ClickHouse that has not started yet does.
+        forwarder.stop()
+        let runtime = try startRuntime(environment: ["DATA_PROC_CLICKHOUSE_HTTP_PORT": String(forwarder.port)],
+                                       waitUntilReady: false)
+        try runtime.waitUntil("GET /health answers while init statements wait for ClickHouse", timeoutSeconds: 5) {
+            (try? runtime.health("/health", timeoutSeconds: 1)) != nil
+        }
+        var health = ""
+        try runtime.waitUntil("bar_rollups is reported unloaded because ClickHouse is unreachable",
+                              timeoutSeconds: 40, detail: { health }) {
+            health = (try? runtime.health("/health", timeoutSeconds: 2))?.text ?? ""
+            return health.contains("ClickHouse is unreachable for a statement from init")
+        }
+        XCTAssertTrue(health.contains(#""name":"latest_price""#), "projections without init must load: \(health)")
+
+        try forwarder.start()
+        try runtime.waitUntil("bar_rollups loads without a SIGHUP once ClickHouse answers", timeoutSeconds: 40,
+                              detail: { health }) {
+            health = (try? runtime.health("/health", timeoutSeconds: 2))?.text ?? ""
+            return health.contains(#""name":"bar_rollups""#) && !health.contains("unreachable for a statement")
+        }
+        XCTAssertFalse(runtime.logEntries(message: "retrying the projections whose init statements found ClickHouse unreachable").isEmpty)
+    }
+
     // MARK: - Broker faults
 
     func testFetchAndCommitErrorsAreRetried() throws {
@@ -532,11 +559,13 @@ final class DeliveryTests: XCTestCase {
 
     /// Starts a runtime with the short session of `sessionConfig()` and a short flush interval,
     /// which makes each unit, and so each Redis transaction, come sooner.
-    private func startRuntime(environment: [String: String] = [:]) throws -> LiveStack.RuntimeProcess {
+    private func startRuntime(environment: [String: String] = [:],
+                              waitUntilReady: Bool = true) throws -> LiveStack.RuntimeProcess {
         var merged = ["DATA_PROC_CLICKHOUSE_FLUSH_INTERVAL_MS": "200"]
         merged.merge(environment) { _, given in given }
         let config = try sessionConfig()
-        let runtime = try workspace.startRuntime(options: ["--config", config.path], environment: merged)
+        let runtime = try workspace.startRuntime(options: ["--config", config.path], environment: merged,
+                                                 waitUntilReady: waitUntilReady)
         runtimes.append(runtime)
         return runtime
     }
