@@ -121,9 +121,11 @@ public final class KafkaProducer {
     /// it again does nothing.
     public func close() {
         guard let handle else { return }
+        // rd_kafka_outq_len also counts error and other callbacks waiting to be served, which
+        // a broker that is down leaves behind, so this is not a count of lost messages.
         let queued = rd_kafka_outq_len(handle)
         if queued > 0 {
-            Log.shared.warn("Kafka producer closed with queued messages", ["queued": .int(queued)])
+            Log.shared.info("Kafka producer closed with messages or callbacks still queued", ["queued": .int(queued)])
         }
         rd_kafka_destroy(handle)
         self.handle = nil
