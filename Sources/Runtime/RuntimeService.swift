@@ -119,13 +119,14 @@ public final class RuntimeService: Sendable {
     private func retryInitIfDue() {
         guard let due = initRetryAt.withLock({ $0 }), Date().timeIntervalSince1970 >= due else { return }
         Log.shared.info("retrying the projections whose init statements found ClickHouse unreachable")
-        _ = reload(trigger: "ClickHouse retry")
+        // One second per statement, not 15: this thread also receives SIGTERM.
+        _ = reload(trigger: "ClickHouse retry", statementRetrySeconds: 1)
     }
 
     /// Loads the projections folder again, runs the `init` statements of new versions against
     /// ClickHouse, publishes the set and reports what happened. Workers and query threads swap
     /// at their next batch or request.
-    public func reload(trigger: String) -> ReloadOutcome {
+    public func reload(trigger: String, statementRetrySeconds: Double = 15) -> ReloadOutcome {
         reloadLock.withLock { _ in
             let clickhouse: ClickHouseClient
             do {
@@ -142,7 +143,8 @@ public final class RuntimeService: Sendable {
             }
             do {
                 let report = try registry.reload(nowMs: now) { effects, definition in
-                    let (failure, retryable) = Self.runStatements(effects, of: definition, on: clickhouse)
+                    let (failure, retryable) = Self.runStatements(effects, of: definition, on: clickhouse,
+                                                                  retryingForSeconds: statementRetrySeconds)
                     unreachable = unreachable || retryable
                     return failure
                 }
@@ -164,15 +166,16 @@ public final class RuntimeService: Sendable {
 
     /// Executes `init` statements; the first failure names the projection and the statement,
     /// and whether ClickHouse was unreachable rather than rejecting it. While ClickHouse is
-    /// unreachable, each statement is retried for up to 15 s, so that a ClickHouse that starts a
-    /// little after the runtime does not fail the load. After that, the whole reload is retried
-    /// every `initRetrySeconds`.
+    /// unreachable, each statement is retried for up to `seconds` (15 on start and on request),
+    /// so that a ClickHouse that starts a little after the runtime does not fail the load. After
+    /// that, the whole reload is retried every `initRetrySeconds`.
     private static func runStatements(_ effects: [Effect], of definition: ProjectionDefinition,
-                                      on clickhouse: ClickHouseClient) -> (ProjectionFailure?, retryable: Bool) {
+                                      on clickhouse: ClickHouseClient,
+                                      retryingForSeconds seconds: Double) -> (ProjectionFailure?, retryable: Bool) {
         for case .clickhouseStatement(let sql) in effects {
-            if let error = execute(sql, on: clickhouse, retryingForSeconds: 15) {
+            if let error = execute(sql, on: clickhouse, retryingForSeconds: seconds) {
                 let message = error.isRetryable
-                    ? "ClickHouse is unreachable for a statement from init (tried for 15 s; the load is retried every \(Int(initRetrySeconds)) s): \(error)"
+                    ? "ClickHouse is unreachable for a statement from init (the load is retried every \(Int(initRetrySeconds)) s): \(error)"
                     : "ClickHouse rejected a statement from init: \(error)"
                 return (ProjectionFailure(phase: .initialize, projection: definition.name, file: definition.code.file,
                                           message: message), error.isRetryable)
