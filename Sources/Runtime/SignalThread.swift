@@ -1,11 +1,12 @@
 import Foundation
 
-/// SIGHUP, SIGTERM and SIGINT, received synchronously with `sigwait` on the thread that calls
-/// `wait`, so no work runs inside a signal handler.
+/// SIGHUP, SIGTERM and SIGINT, received synchronously with `sigtimedwait` on the thread that
+/// calls `wait`, so no work runs inside a signal handler.
 ///
 /// The signals are blocked before any other thread starts, so every thread inherits the mask
-/// and only `sigwait` sees them. A no-op handler is installed as well: as PID 1 in a container,
-/// the kernel drops signals whose disposition is the default, and a handler makes them count.
+/// and only `sigtimedwait` sees them. A no-op handler is installed as well: as PID 1 in a
+/// container, the kernel drops signals whose disposition is the default, and a handler makes
+/// them count.
 struct SignalThread {
     private var set = sigset_t()
 
