@@ -127,7 +127,7 @@ local function advance_watermark(ctx, bar, instrument)
 
   local close_before_ms = instrument.watermark_ms - LATENESS_MS
   local buckets = instrument.buckets
-  local kept = 0
+  local open_slots = 0
   for i = 1, #buckets, 2 do
     local length_ms, start_ms = buckets[i], buckets[i + 1]
     if start_ms + length_ms < close_before_ms then
@@ -135,12 +135,12 @@ local function advance_watermark(ctx, bar, instrument)
       ctx.state.delete(bucket_state_key(bar, timeframe, start_ms))
       ctx.count("closed_buckets", 1, TIMEFRAME_LABELS[timeframe])
     else
-      buckets[kept + 1] = length_ms
-      buckets[kept + 2] = start_ms
-      kept = kept + 2
+      buckets[open_slots + 1] = length_ms
+      buckets[open_slots + 2] = start_ms
+      open_slots = open_slots + 2
     end
   end
-  for i = #buckets, kept + 1, -1 do
+  for i = #buckets, open_slots + 1, -1 do
     buckets[i] = nil
   end
   return true

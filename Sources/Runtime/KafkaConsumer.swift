@@ -328,23 +328,25 @@ public final class KafkaConsumer {
     /// Stops fetching from `partitions` until `resume(_:)`. Messages already fetched for them
     /// are dropped and fetched again after the resume.
     public func pause(_ partitions: [TopicPartition]) throws(KafkaError) {
-        let handle = try openHandle("rd_kafka_pause_partitions")
-        try withPartitionList(partitions.map { ($0, Int64(RD_KAFKA_OFFSET_INVALID)) }) {
-            list throws(KafkaError) in
-            try check(rd_kafka_pause_partitions(handle, list), "rd_kafka_pause_partitions",
-                      "pause of \(partitions) failed")
-            try checkEach(readPartitionList(list), "rd_kafka_pause_partitions", "pause of")
-        }
+        try setFlow(partitions, rd_kafka_pause_partitions, function: "rd_kafka_pause_partitions", action: "pause")
     }
 
     /// Restarts fetching from `partitions` at the position where it stopped.
     public func resume(_ partitions: [TopicPartition]) throws(KafkaError) {
-        let handle = try openHandle("rd_kafka_resume_partitions")
+        try setFlow(partitions, rd_kafka_resume_partitions, function: "rd_kafka_resume_partitions", action: "resume")
+    }
+
+    /// Calls librdkafka's pause or resume `call` with `partitions` and checks each one's result.
+    private func setFlow(
+        _ partitions: [TopicPartition],
+        _ call: (OpaquePointer?, UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?) -> rd_kafka_resp_err_t,
+        function: String, action: String
+    ) throws(KafkaError) {
+        let handle = try openHandle(function)
         try withPartitionList(partitions.map { ($0, Int64(RD_KAFKA_OFFSET_INVALID)) }) {
             list throws(KafkaError) in
-            try check(rd_kafka_resume_partitions(handle, list), "rd_kafka_resume_partitions",
-                      "resume of \(partitions) failed")
-            try checkEach(readPartitionList(list), "rd_kafka_resume_partitions", "resume of")
+            try check(call(handle, list), function, "\(action) of \(partitions) failed")
+            try checkEach(readPartitionList(list), function, "\(action) of")
         }
     }
 

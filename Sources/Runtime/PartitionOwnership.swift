@@ -75,14 +75,7 @@ final class PartitionOwnership {
     /// Returns the offset that `partition` resumes from: events below it were applied by an
     /// earlier batch. Nil when the partition is not claimed or has no stored offset.
     func resumeOffset(_ partition: TopicPartition) -> Int64? {
-        guard let resume = resumeOffsets[partition] else { return nil }
-        return resume
-    }
-
-    /// Returns whether an earlier batch already applied the event at `offset`.
-    func isApplied(_ partition: TopicPartition, offset: Int64) -> Bool {
-        guard let resume = resumeOffsets[partition], let resume else { return false }
-        return offset < resume
+        resumeOffsets[partition] ?? nil
     }
 
     /// Records the next offset of each partition after its batch was applied.

@@ -253,8 +253,8 @@ extension PipelineWorker {
             appliedOffsets = appliedOffsets.filter { !revoked.contains($0.key) }
             Log.shared.info("partitions revoked", ["partitions": .int(partitions.count), "lost": .boolean(lost)])
             // The consumer still lists them until this callback returns.
-            let kept = consumer.assignment().filter { !revoked.contains($0) }.count
-            control.update(worker: index) { $0.assignedPartitions = kept }
+            let remaining = consumer.assignment().filter { !revoked.contains($0) }.count
+            control.update(worker: index) { $0.assignedPartitions = remaining }
         case .assigned(let partitions):
             if outage != nil {
                 try? consumer.pause(partitions)

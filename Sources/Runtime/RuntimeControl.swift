@@ -15,9 +15,9 @@ public final class RuntimeControl: Sendable {
         public var redisError: String?
         public var clickhouseReachable = true
         public var clickhouseError: String?
-        /// Why the subscription failed, or nil.
+        /// The error of the failed subscription, or nil.
         public var kafkaError: String?
-        /// Why no Kafka broker can be reached, or nil while one answers.
+        /// The reason no Kafka broker can be reached, or nil while one responds.
         public var brokersDown: String?
         /// The reason consumption is paused (a failing write), or nil while it runs.
         public var pausedReason: String?

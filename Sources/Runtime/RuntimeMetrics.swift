@@ -88,10 +88,6 @@ public final class RuntimeMetrics: Sendable {
         registry.render()
     }
 
-    func recordEvent(projection: String, result: String) {
-        events.labels(projection, result).inc()
-    }
-
     /// Adds `count` events of one projection and result, for a worker that counts a batch's
     /// events itself. A zero count adds nothing and creates no series.
     func recordEvents(projection: String, result: String, count: Int) {

@@ -58,7 +58,7 @@ public final class RuntimeService: Sendable {
             return 1
         }
         // The ports open before the projections load, so that liveness probes get a response
-        // while init statements wait for ClickHouse. /ready answers 503 until a projection is
+        // while init statements wait for ClickHouse. /ready returns 503 until a projection is
         // loaded.
         let servers: [HTTPServer]
         do {

@@ -4,7 +4,7 @@ import Foundation
 /// calls `wait`, so no work runs inside a signal handler.
 ///
 /// The signals are blocked before any other thread starts, so every thread inherits the mask
-/// and only `sigtimedwait` sees them. A no-op handler is installed as well: as PID 1 in a
+/// and only `sigtimedwait` receives them. A no-op handler is installed as well: as PID 1 in a
 /// container, the kernel drops signals whose disposition is the default, and a handler makes
 /// them count.
 struct SignalThread {

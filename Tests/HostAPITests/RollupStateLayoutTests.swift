@@ -33,7 +33,8 @@ final class RollupStateLayoutTests: XCTestCase {
         return EventMessage(topic: topic, partition: 0, offset: minute, payload: Array(text.utf8))
     }
 
-    /// The effects of `message` other than state changes, whose encoding differs between layouts.
+    /// Returns the effects of `message` other than state changes, whose encoding differs
+    /// between layouts.
     private func outputEffects(_ runner: ProjectionRunner, _ message: EventMessage,
                                store: KeyedStateStore) throws -> [Effect] {
         let results = runner.handle(message, store: store, nowMs: nowMs)

@@ -320,7 +320,7 @@ class Benchmark:
     def wait_ready(self, runtime, interval=0.005, timeout=60.0, joined=True):
         """Poll /ready, then /health until the consumer has joined its group (unless `joined` is
         False). Return seconds from process start to the first HTTP response, to /ready
-        answering 200, and to the join (None when not waited for)."""
+        returning 200, and to the join (None when not waited for)."""
         listening = None
         ready = None
         deadline = runtime["started"] + timeout
