@@ -16,9 +16,7 @@ import XCTest
 /// The services are shared by the class, as in `LiveRuntimeTests`. Tests that stop a service
 /// use a private one (Redis) or a forwarder in front of the shared one (ClickHouse).
 final class DeliveryTests: XCTestCase {
-    nonisolated(unsafe) private static var sharedStack: LiveStack?
-    /// The error from starting the stack, so that later tests fail at once instead of retrying.
-    nonisolated(unsafe) private static var stackError: Error?
+    private static let sharedStack = SharedLiveStack()
 
     private var workspace: LiveStack.Workspace!
     /// The runtimes this test started, whose logs `assertNoFencedBatch` reads.
@@ -50,22 +48,12 @@ final class DeliveryTests: XCTestCase {
     }
 
     override class func tearDown() {
-        sharedStack?.stop()
-        sharedStack = nil
+        sharedStack.stop()
         super.tearDown()
     }
 
     private static func stack() throws -> LiveStack {
-        if let sharedStack { return sharedStack }
-        if let stackError { throw stackError }
-        do {
-            let stack = try LiveStack()
-            sharedStack = stack
-            return stack
-        } catch {
-            stackError = error
-            throw error
-        }
+        try sharedStack.get()
     }
 
     // MARK: - Dead letters

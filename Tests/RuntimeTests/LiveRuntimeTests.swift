@@ -9,9 +9,7 @@ import XCTest
 /// The services are shared by the class (see `LiveStack`). Each test starts its own runtime on
 /// its own topics, consumer group and databases, and stops it in `tearDown`.
 final class LiveRuntimeTests: XCTestCase {
-    nonisolated(unsafe) private static var sharedStack: LiveStack?
-    /// The error from starting the stack, so that later tests fail at once instead of retrying.
-    nonisolated(unsafe) private static var stackError: Error?
+    private static let sharedStack = SharedLiveStack()
 
     private var workspace: LiveStack.Workspace!
     /// Set by `recordFailure`, so that `tearDown` keeps the folder of a failed test.
@@ -35,22 +33,12 @@ final class LiveRuntimeTests: XCTestCase {
     }
 
     override class func tearDown() {
-        sharedStack?.stop()
-        sharedStack = nil
+        sharedStack.stop()
         super.tearDown()
     }
 
     private static func stack() throws -> LiveStack {
-        if let sharedStack { return sharedStack }
-        if let stackError { throw stackError }
-        do {
-            let stack = try LiveStack()
-            sharedStack = stack
-            return stack
-        } catch {
-            stackError = error
-            throw error
-        }
+        try sharedStack.get()
     }
 
     // MARK: - Serving

@@ -529,3 +529,31 @@ extension LiveStack.Workspace {
         return runtime
     }
 }
+
+/// The `LiveStack` that the tests of one class share: started on first use, stopped by the
+/// class's `tearDown`. A failed start is kept, so that later tests fail at once instead of
+/// starting the services again.
+final class SharedLiveStack: @unchecked Sendable {
+    private var stack: LiveStack?
+    private var startError: (any Error)?
+
+    /// Returns the running stack, starting it on the first call.
+    func get() throws -> LiveStack {
+        if let stack { return stack }
+        if let startError { throw startError }
+        do {
+            let stack = try LiveStack()
+            self.stack = stack
+            return stack
+        } catch {
+            startError = error
+            throw error
+        }
+    }
+
+    /// Stops the stack if it was started.
+    func stop() {
+        stack?.stop()
+        stack = nil
+    }
+}
