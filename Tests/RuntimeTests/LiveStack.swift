@@ -337,7 +337,8 @@ final class LiveStack {
         }
 
         /// Polls until GET /ready returns 200 and GET /health reports the Kafka consumer
-        /// joined: /ready does not wait for the group, and the tests want their partitions.
+        /// joined, because /ready does not wait for the group and the tests need their
+        /// partitions assigned.
         func waitUntilReady(timeoutSeconds: Double) throws {
             var last = "no reply"
             try waitUntil("GET /ready returns 200 and the consumer has joined", timeoutSeconds: timeoutSeconds,
